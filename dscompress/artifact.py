@@ -1,0 +1,406 @@
+"""Artifacts: a folder with ``model.safetensors`` and a JSON manifest, rebuilt without pickle.
+
+Layout::
+
+    OUT/
+      manifest.json         format version, model spec, steps (config + record), structure, metrics
+      model.safetensors     the model's state dict
+      original.safetensors  the uncompressed model it came from (the fine-tuning teacher), if any
+
+``structure`` lists every module whose shape differs from a freshly built model of the spec:
+swapped layers with their constructor arguments, and resized layers (after pruning) with their
+new attributes. Loading builds the spec's model, applies the structure, resizes tensors to the
+stored shapes and loads the weights, so the outputs are bitwise those of the saved model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dscompress import __version__
+from dscompress.errors import DscompressError
+from dscompress.layers import DepthwiseSeparableConv2d
+from dscompress.metrics import count_macs, count_params, folder_size
+from dscompress.models import ModelSpec, build_model, check_state_dict
+
+FORMAT = "dscompress-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+ORIGINAL = "original.safetensors"
+
+# Module attributes that structural changes (pruning) edit; recorded when they differ.
+SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape")
+LAYER_TYPES = {"DepthwiseSeparableConv2d": DepthwiseSeparableConv2d}
+
+
+def is_artifact(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+# --- structure ---------------------------------------------------------------------------------
+
+
+def _shape_attrs(module: nn.Module) -> dict:
+    out = {}
+    for attr in SHAPE_ATTRS:
+        value = module.__dict__.get(attr)
+        if value is not None:
+            out[attr] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def structure_of(model: nn.Module, base: nn.Module) -> dict:
+    """How ``model`` differs in structure from ``base``, a fresh build of the same spec."""
+    base_modules = dict(base.named_modules())
+    structure = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DepthwiseSeparableConv2d):
+            structure[name] = {"type": type(module).__name__, "args": module.constructor_args()}
+            continue
+        if any(name.startswith(n + ".") for n in structure):
+            continue  # inside a swapped layer
+        reference = base_modules.get(name)
+        if reference is None:
+            raise DscompressError(f"module {name!r} has no counterpart in the spec's model; cannot save it")
+        attrs = _shape_attrs(module)
+        if attrs != _shape_attrs(reference):
+            structure[name] = {"attrs": attrs}
+    return structure
+
+
+def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give a fresh model the recorded structure and tensors of the stored shapes."""
+    for name, entry in structure.items():
+        if "type" in entry:
+            cls = LAYER_TYPES.get(entry["type"])
+            if cls is None:
+                raise DscompressError(f"artifact names an unknown layer type {entry['type']!r}; upgrade dscompress")
+            args = dict(entry["args"])
+            args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+            _set_module(model, name, cls(**args))
+        else:
+            module = model.get_submodule(name)
+            for attr, value in entry["attrs"].items():
+                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for key, tensor in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue  # reported by check_state_dict
+        current = getattr(owner, attr, None)
+        if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
+            replacement = torch.empty(tensor.shape, dtype=current.dtype)
+            if isinstance(current, nn.Parameter):
+                setattr(owner, attr, nn.Parameter(replacement, requires_grad=current.requires_grad))
+            else:
+                owner._buffers[attr] = replacement
+    return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_output(path: str, force: bool) -> None:
+    """Refuse to overwrite an existing output unless asked to."""
+    if os.path.exists(path) and not force:
+        raise DscompressError(f"{path!r} already exists; choose another output or pass --force to replace it")
+
+
+def save(
+    path: str,
+    model: nn.Module,
+    spec: ModelSpec,
+    steps: list[dict],
+    original: tuple[dict, dict[str, torch.Tensor]] | None = None,
+    metrics: dict | None = None,
+    force: bool = False,
+) -> Artifact:
+    """Write an artifact folder atomically: it is built beside ``path`` and renamed into place.
+
+    Args:
+        model: the model to store; its structure is recorded against a fresh build of ``spec``.
+        spec: how to build the base architecture again.
+        steps: every step so far, oldest first, each ``{"step": name, "config": ..., "record": ...}``.
+        original: (structure, state dict) of the uncompressed model that the steps started from.
+        metrics: extra measured values (accuracy, latency, ...); params, MACs and size are added.
+    """
+    check_output(path, force)
+    base = build_model(spec, load_weights=False)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dscompress_version": __version__,
+        "torch_version": torch.__version__,
+        "model": spec.to_dict(),
+        "steps": steps,
+        "structure": structure_of(model, base),
+        "files": {"model": WEIGHTS},
+        "metrics": {},
+    }
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-")
+    try:
+        from safetensors.torch import save_file
+
+        save_file(_tensors(model), os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+        if original is not None:
+            original_structure, original_state = original
+            save_file({k: v.contiguous() for k, v in original_state.items()}, os.path.join(tmp, ORIGINAL))
+            manifest["files"]["original"] = ORIGINAL
+            manifest["original"] = {"structure": original_structure}
+        manifest["metrics"] = {
+            "params": count_params(model),
+            "macs": count_macs(model, spec.input_size),
+            "size_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
+            **(metrics or {}),
+        }
+        write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
+        if os.path.exists(path):
+            old = tmp + ".old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Artifact.open(path)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Artifact:
+    """An artifact folder on disk; :meth:`model` rebuilds what it holds."""
+
+    path: str
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str) -> Artifact:
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path):
+            raise DscompressError(f"{path!r} is not an artifact folder (no such directory)")
+        if not os.path.isfile(manifest_path):
+            raise DscompressError(f"{path!r} is not a dscompress artifact: it has no {MANIFEST}")
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise DscompressError(f"cannot read {manifest_path}: {e}; the artifact is damaged, convert again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DscompressError(f"{manifest_path} is not a dscompress manifest")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise DscompressError(
+                f"{path!r} has artifact format {manifest['format_version']}, newer than this dscompress "
+                f"reads ({FORMAT_VERSION}); upgrade dscompress"
+            )
+        for key in ("model", "steps", "structure", "files", "metrics"):
+            if key not in manifest:
+                raise DscompressError(f"{manifest_path} lacks {key!r}; the artifact is damaged, convert again")
+        return cls(path, manifest)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.manifest["model"])
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.manifest["steps"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest["metrics"]
+
+    @property
+    def has_original(self) -> bool:
+        return "original" in self.manifest["files"]
+
+    def manifest_sha256(self) -> str:
+        with open(os.path.join(self.path, MANIFEST), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    def _rebuild(self, structure: dict, file: str) -> nn.Module:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        weights = os.path.join(self.path, file)
+        if not os.path.isfile(weights):
+            raise DscompressError(f"{self.path!r} lacks {file}; the artifact is incomplete, convert again")
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DscompressError(f"cannot read {weights}: {e}; the artifact is damaged, convert again") from None
+        model = build_model(self.spec, load_weights=False)
+        apply_structure(model, structure, state)
+        check_state_dict(model, state, source=weights)
+        model.load_state_dict(state)
+        return model.eval()
+
+    def model(self) -> nn.Module:
+        """The stored model, in eval mode."""
+        return self._rebuild(self.manifest["structure"], self.manifest["files"]["model"])
+
+    def original_model(self) -> nn.Module | None:
+        """The uncompressed model the steps started from, or None if this artifact is one."""
+        if not self.has_original:
+            return None
+        return self._rebuild(self.manifest["original"]["structure"], self.manifest["files"]["original"])
+
+    def update_metrics(self, **values) -> None:
+        """Merge measured values into the manifest's metrics (atomically)."""
+        self.manifest["metrics"].update(values)
+        write_json_atomic(os.path.join(self.path, MANIFEST), self.manifest)
+
+
+def load(path: str) -> nn.Module:
+    """Rebuild the model stored in an artifact folder, without pickle."""
+    return Artifact.open(path).model()
+
+
+# --- sources: a model named on the command line, or an artifact ----------------------------------
+
+
+@dataclass
+class Source:
+    """A model to work on, with where it came from.
+
+    Attributes:
+        model: the model, in eval mode.
+        spec: the spec of its base architecture.
+        artifact: the artifact it was read from, if any.
+    """
+
+    model: nn.Module
+    spec: ModelSpec
+    artifact: Artifact | None = None
+
+    @property
+    def steps(self) -> list[dict]:
+        return list(self.artifact.steps) if self.artifact else []
+
+    @property
+    def label(self) -> str:
+        return self.artifact.path if self.artifact else self.spec.name
+
+    def original(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(structure, weights) of the uncompressed model to keep as the teacher.
+
+        An artifact's own original if it has one; otherwise this model itself is the original.
+        """
+        if self.artifact is not None and self.artifact.has_original:
+            from safetensors.torch import load_file
+
+            return (
+                self.artifact.manifest["original"]["structure"],
+                load_file(os.path.join(self.artifact.path, self.artifact.manifest["files"]["original"])),
+            )
+        base = build_model(self.spec, load_weights=False)
+        return structure_of(self.model, base), _tensors(self.model)
+
+    def teacher(self) -> nn.Module:
+        """A separate, frozen copy of the uncompressed model."""
+        if self.artifact is not None and self.artifact.has_original:
+            model = self.artifact.original_model()
+        else:
+            model = copy.deepcopy(self.model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
+
+def resolve(
+    model: str,
+    num_classes: int | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+) -> Source:
+    """Turn a MODEL argument (a name, ``package.module:factory`` or artifact folder) into a model.
+
+    For an artifact folder the manifest supplies the options; giving a conflicting
+    ``num_classes`` or ``input_size`` is an error, and ``checkpoint`` loads weights over it.
+    """
+    if is_artifact(model) or os.path.isdir(model):
+        artifact = Artifact.open(model)
+        spec = artifact.spec
+        if num_classes is not None and spec.num_classes not in (None, num_classes):
+            raise DscompressError(f"{model!r} has {spec.num_classes} classes; drop --num-classes {num_classes}")
+        if weights:
+            raise DscompressError(f"{model!r} is an artifact with its own weights; drop --weights")
+        if input_size is not None and tuple(input_size) != tuple(spec.input_size):
+            spec.input_size = tuple(input_size)
+        net = artifact.model()
+        if checkpoint:
+            from dscompress.models import read_state_dict
+
+            state = read_state_dict(checkpoint)
+            check_state_dict(net, state, source=checkpoint)
+            net.load_state_dict(state)
+        return Source(net, spec, artifact)
+    spec = ModelSpec(
+        name=model,
+        num_classes=num_classes,
+        input_size=tuple(input_size) if input_size else ModelSpec.__dataclass_fields__["input_size"].default,
+        weights=weights,
+        checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
+    )
+    return Source(build_model(spec), spec)
+
+
+def save_step(
+    source: Source,
+    out: str,
+    model: nn.Module,
+    step: str,
+    config: dict,
+    record: dict,
+    metrics: dict | None = None,
+    force: bool = False,
+) -> Artifact:
+    """Save ``model`` as the result of one more step applied to ``source``.
+
+    The new artifact carries the source's steps plus this one, and the uncompressed original
+    (the teacher for fine-tuning): the source's own original, or the source itself.
+    """
+    check_output(out, force)
+    steps = source.steps + [{"step": step, "config": config, "record": record}]
+    return save(out, model, source.spec, steps, original=source.original(), metrics=metrics, force=force)

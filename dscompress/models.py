@@ -1,0 +1,213 @@
+"""Naming, building and loading the models that dscompress works on.
+
+A model is named by a :class:`ModelSpec`: a torchvision classification model
+(``resnet18``), a user factory (``package.module:factory``), optionally torchvision weights
+(``--weights``) or a local checkpoint (``--checkpoint``). Artifact folders carry their own spec
+in their manifest; see :mod:`dscompress.artifact`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torchvision
+from torch import nn
+
+from dscompress.errors import DscompressError
+
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build a model again.
+
+    Attributes:
+        name: a torchvision classification model name or ``package.module:factory``.
+        num_classes: size of the classifier head; None keeps the model's default.
+        input_size: (C, H, W) of one input image, used for shapes, MACs and export.
+        weights: a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``); these download.
+        checkpoint: path of a state dict (``.pt``/``.pth``/``.safetensors``) to load.
+        kwargs: extra keyword arguments for the constructor.
+    """
+
+    name: str
+    num_classes: int | None = None
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
+    weights: str | None = None
+    checkpoint: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.input_size = tuple(int(v) for v in self.input_size)
+        if len(self.input_size) != 3 or min(self.input_size) < 1:
+            raise DscompressError(f"input size must be C,H,W with positive values, got {self.input_size}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise DscompressError(f"--num-classes must be at least 1, got {self.num_classes}")
+        if self.weights and self.checkpoint:
+            raise DscompressError("give either --weights or --checkpoint, not both")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def parse_input_size(text: str) -> tuple[int, int, int]:
+    """'3,224,224' or '224' (square RGB) -> (3, 224, 224)."""
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise DscompressError(f"--input-size must look like 3,224,224, got {text!r}") from None
+    if len(values) == 1:
+        values = [3, values[0], values[0]]
+    if len(values) == 2:
+        values = [3, *values]
+    if len(values) != 3 or min(values) < 1:
+        raise DscompressError(f"--input-size must look like 3,224,224, got {text!r}")
+    return tuple(values)
+
+
+def list_models() -> list[str]:
+    """Torchvision classification models that can be named."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(spec: ModelSpec, load_weights: bool = True) -> nn.Module:
+    """Build the model a spec names, in eval mode, with its weights unless ``load_weights=False``."""
+    if ":" in spec.name:
+        model = _build_from_factory(spec)
+    else:
+        model = _build_torchvision(spec, load_weights)
+    if load_weights and spec.checkpoint:
+        load_checkpoint(model, spec.checkpoint)
+    return model.eval()
+
+
+def _build_torchvision(spec: ModelSpec, load_weights: bool) -> nn.Module:
+    names = list_models()
+    if spec.name not in names:
+        close = difflib.get_close_matches(spec.name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise DscompressError(
+            f"unknown model {spec.name!r}{hint} (`dscompress models` lists them; "
+            "your own model is named package.module:factory)"
+        )
+    kwargs = dict(spec.kwargs)
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    if spec.name.startswith(("googlenet", "inception")) and not (load_weights and spec.weights):
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    weights = spec.weights if load_weights else None
+    if weights:
+        try:
+            weights = torchvision.models.get_model_weights(spec.name)[weights]
+        except KeyError:
+            options = ", ".join(torchvision.models.get_model_weights(spec.name).__members__)
+            raise DscompressError(f"unknown weights {spec.weights!r} for {spec.name}; choose one of {options}") from None
+    try:
+        return torchvision.models.get_model(spec.name, weights=weights, **kwargs)
+    except ValueError as e:
+        raise DscompressError(f"cannot build {spec.name}: {e}") from None
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a broken download a RuntimeError
+        raise DscompressError(
+            f"could not download {spec.name} weights {spec.weights} ({type(e).__name__}: {e}); "
+            "without internet, download the file elsewhere and pass it with --checkpoint FILE"
+        ) from None
+
+
+def _build_from_factory(spec: ModelSpec) -> nn.Module:
+    module_name, _, attr = spec.name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise DscompressError(f"cannot import {module_name!r} for model {spec.name!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise DscompressError(f"{module_name!r} has no callable {attr!r} (model {spec.name!r})")
+    kwargs = dict(spec.kwargs)
+    if spec.num_classes is not None:
+        params = inspect.signature(factory).parameters
+        if "num_classes" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            raise DscompressError(f"{spec.name} takes no num_classes argument; drop --num-classes")
+        kwargs["num_classes"] = spec.num_classes
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise DscompressError(f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or, without pickle, from ``.pt``/``.pth``.
+
+    Common wrappers are unwrapped: ``{"state_dict": ...}``, ``{"model": ...}`` and the
+    ``module.`` prefix that DistributedDataParallel adds.
+    """
+    if not os.path.isfile(path):
+        raise DscompressError(f"checkpoint {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DscompressError(
+            f"cannot read checkpoint {path!r}: {first_line[:200]} (expected a state dict saved with "
+            "torch.save(model.state_dict()) or safetensors; whole pickled models are not loaded)"
+        ) from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DscompressError(f"checkpoint {path!r} is not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state dict into ``model``, or say precisely why it does not fit."""
+    state = read_state_dict(path)
+    check_state_dict(model, state, source=path)
+    model.load_state_dict(state)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a one-line :class:`DscompressError` when ``state`` does not fit ``model`` exactly."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+    if wrong:
+        parts.append(f"{len(wrong)} of the wrong shape ({', '.join(wrong[:2])}{', ...' if len(wrong) > 2 else ''})")
+    raise DscompressError(
+        f"checkpoint {source!r} does not fit the model: keys {'; '.join(parts)}. "
+        "Check the model name and --num-classes"
+    )

@@ -1,0 +1,163 @@
+"""Tables that compare artifacts and show what a step did, built from manifests and records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rich.table import Table
+
+from dscompress.artifact import Artifact, is_artifact
+from dscompress.errors import DscompressError
+
+# (metric key, column title, format); a column is shown when any row has the metric.
+COLUMNS = [
+    ("top1", "top-1 %", "{:.2f}"),
+    ("top5", "top-5 %", "{:.2f}"),
+    ("params", "params", "{:,}"),
+    ("macs", "MACs", "{:,}"),
+    ("size_bytes", "size MB", None),
+]
+
+
+def human(n: float) -> str:
+    """12_345_678 -> '12.35M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def find_artifacts(paths: list[str]) -> list[str]:
+    """Artifact folders among ``paths``; a folder that is not one is searched one level down."""
+    found = []
+    for path in paths:
+        if is_artifact(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            inner = sorted(os.path.join(path, d) for d in os.listdir(path) if is_artifact(os.path.join(path, d)))
+            if not inner:
+                raise DscompressError(f"{path!r} is not an artifact folder and holds none")
+            found += inner
+        else:
+            raise DscompressError(f"{path!r} does not exist")
+    return found
+
+
+def compare(paths: list[str], baseline: str | None = None) -> list[dict]:
+    """One row per artifact: its steps and metrics, and ratios to the baseline's metrics.
+
+    The baseline is ``baseline`` if given, else the first artifact.
+    """
+    artifacts = [Artifact.open(p) for p in find_artifacts(paths)]
+    base = Artifact.open(baseline) if baseline else artifacts[0]
+    rows = []
+    for artifact in artifacts:
+        metrics = artifact.metrics
+        row = {
+            "name": os.path.basename(os.path.normpath(artifact.path)),
+            "path": artifact.path,
+            "model": artifact.spec.name,
+            "steps": [s["step"] for s in artifact.steps],
+            **metrics,
+        }
+        for key in ("params", "macs", "size_bytes"):
+            if metrics.get(key) and base.metrics.get(key):
+                row[f"{key}_ratio"] = metrics[key] / base.metrics[key]
+        if metrics.get("top1") is not None and base.metrics.get("top1") is not None:
+            row["top1_delta"] = metrics["top1"] - base.metrics["top1"]
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str | None) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "size_bytes":
+        text = f"{value / 1e6:.2f}"
+    elif key in ("params", "macs"):
+        text = human(value)
+    else:
+        text = fmt.format(value)
+    ratio = row.get(f"{key}_ratio")
+    if ratio is not None and abs(ratio - 1) > 1e-9:
+        text += f" ({ratio:.2f}x)"
+    if key == "top1" and row.get("top1_delta"):
+        text += f" ({row['top1_delta']:+.2f})"
+    return text
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str, str | None]]:
+    return [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+
+
+def comparison_table(rows: list[dict]) -> Table:
+    table = Table(title="dscompress report (ratios and deltas against the first row)")
+    table.add_column("artifact")
+    table.add_column("steps")
+    columns = _columns(rows)
+    for _, title, _ in columns:
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(row["name"], " > ".join(row["steps"]) or "-", *[_cell(row, k, f) for k, _, f in columns])
+    return table
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    columns = _columns(rows)
+    head = ["artifact", "steps"] + [title for _, title, _ in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["name"], " > ".join(row["steps"]) or "-"] + [_cell(row, k, f) for k, _, f in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_json(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2, default=str)
+
+
+def conversion_table(record) -> Table:
+    """Per-layer table of a :class:`~dscompress.convert.ConversionRecord`."""
+    table = Table(title=f"converted {len(record.layers)} conv layers (traced with {record.trace})")
+    for title in ("layer", "kernel", "dilation", "rank", "params", "MACs", "fit error"):
+        table.add_column(title, justify="left" if title == "layer" else "right")
+    for layer in record.layers:
+        kernel = "x".join(map(str, layer.kernel_before))
+        if layer.kernel_after != layer.kernel_before:
+            kernel += " -> " + "x".join(map(str, layer.kernel_after))
+        dilation = str(layer.dilation_before[0]) if len(set(layer.dilation_before)) == 1 else str(layer.dilation_before)
+        if layer.dilation_after != layer.dilation_before:
+            dilation += " -> " + (str(layer.dilation_after[0]) if len(set(layer.dilation_after)) == 1 else str(layer.dilation_after))
+        table.add_row(
+            layer.name,
+            kernel,
+            dilation,
+            f"{layer.rank}/{layer.full_rank}",
+            f"{human(layer.params_before)} -> {human(layer.params_after)}",
+            f"{human(layer.macs_before)} -> {human(layer.macs_after)}",
+            f"{layer.fit_error:.4f}",
+        )
+    return table
+
+
+def conversion_totals(record) -> list[str]:
+    """Lines of whole-model totals for a conversion record."""
+    lines = [
+        f"params: {human(record.params_before)} -> {human(record.params_after)} "
+        f"({record.params_before / max(record.params_after, 1):.2f}x fewer)",
+        f"MACs:   {human(record.macs_before)} -> {human(record.macs_after)} "
+        f"({record.macs_before / max(record.macs_after, 1):.2f}x fewer)",
+    ]
+    if record.layers:
+        lines.append(
+            f"converted layers' MACs: {human(record.converted_macs_before)} -> {human(record.converted_macs_after)} "
+            f"({record.converted_macs_before / max(record.converted_macs_after, 1):.2f}x fewer)"
+        )
+    if record.skipped:
+        reasons = {}
+        for s in record.skipped:
+            reasons.setdefault(s["reason"], []).append(s["name"])
+        lines.append("skipped: " + "; ".join(f"{', '.join(n[:3])}{' ...' if len(n) > 3 else ''} ({r})" for r, n in reasons.items()))
+    return lines
