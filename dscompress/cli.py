@@ -125,6 +125,25 @@ def convert(model, out, rank, energy, macs_budget, dilation, include, exclude, m
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Dataset: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@model_options
+def evaluate(model, data, batch_size, device, workers, as_json, load_source):
+    """Top-1 and top-5 accuracy of MODEL (or an artifact, which records it) on the test split."""
+    from dscompress.evaluate import evaluate_source
+
+    record = evaluate_source(load_source(model), data, batch_size=batch_size, device=device, workers=workers)
+    if as_json:
+        print_json(record.to_dict())
+    else:
+        console.print(f"{model} on {record.data} ({record.images} test images): top-1 {record.top1:.2f}%  top-5 {record.top5:.2f}%")
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--baseline", default=None, help="Artifact the ratios compare against (default: the first).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
