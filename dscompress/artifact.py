@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,14 @@ def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Te
     return model
 
 
+def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict:
+    """``state`` with the model's own state-dict metadata (module versions), which safetensors
+    does not store and some modules (MNASNet) need in order to load."""
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)
+    return state
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -184,11 +193,13 @@ def save(
             save_file({k: v.contiguous() for k, v in original_state.items()}, os.path.join(tmp, ORIGINAL))
             manifest["files"]["original"] = ORIGINAL
             manifest["original"] = {"structure": original_structure}
+        metrics = dict(metrics or {})
+        if "macs" not in metrics:
+            metrics["macs"] = count_macs(model, spec.input_size)
         manifest["metrics"] = {
             "params": count_params(model),
-            "macs": count_macs(model, spec.input_size),
             "size_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
-            **(metrics or {}),
+            **metrics,
         }
         write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
         if os.path.exists(path):
@@ -272,7 +283,7 @@ class Artifact:
         model = build_model(self.spec, load_weights=False)
         apply_structure(model, structure, state)
         check_state_dict(model, state, source=weights)
-        model.load_state_dict(state)
+        model.load_state_dict(with_metadata(state, model))
         return model.eval()
 
     def model(self) -> nn.Module:

@@ -505,5 +505,7 @@ def convert_artifact(source, out: str, config: ConvertConfig | None = None, forc
 
     config = config or ConvertConfig()
     model, record = convert(source.model, source.spec.input_size, config)
-    artifact = save_step(source, out, model, "convert", config.to_dict(), record.to_dict(), force=force)
+    artifact = save_step(
+        source, out, model, "convert", config.to_dict(), record.to_dict(), metrics={"macs": record.macs_after}, force=force
+    )
     return artifact, record

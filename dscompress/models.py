@@ -183,9 +183,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state dict into ``model``, or say precisely why it does not fit."""
+    from dscompress.artifact import with_metadata
+
     state = read_state_dict(path)
     check_state_dict(model, state, source=path)
-    model.load_state_dict(state)
+    model.load_state_dict(with_metadata(state, model))
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

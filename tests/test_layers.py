@@ -1,0 +1,121 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dscompress import decompose
+from dscompress.layers import DepthwiseSeparableConv2d
+
+
+def fitted_pair(conv: nn.Conv2d, rank: int) -> DepthwiseSeparableConv2d:
+    layer = DepthwiseSeparableConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.bias is not None, conv.padding_mode, rank=rank, dtype=conv.weight.dtype,
+    )
+    depthwise, pointwise = decompose.factorize(conv.weight, rank)
+    with torch.no_grad():
+        layer.depthwise.weight.copy_(depthwise)
+        layer.pointwise.weight.copy_(pointwise)
+        if conv.bias is not None:
+            layer.pointwise.bias.copy_(conv.bias)
+    return layer
+
+
+conv_configs = st.fixed_dictionaries(
+    {
+        "in_channels": st.integers(1, 6),
+        "out_channels": st.integers(1, 12),
+        "kernel_size": st.tuples(st.integers(1, 5), st.integers(1, 5)),
+        "stride": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+        "dilation": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+        "padding": st.one_of(st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 3)), st.sampled_from(["same", "valid"])),
+        "padding_mode": st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+        "bias": st.booleans(),
+    }
+)
+
+
+def build_conv(cfg) -> nn.Conv2d | None:
+    if cfg["padding"] == "same" and cfg["stride"] != (1, 1):
+        return None  # nn.Conv2d itself refuses this combination
+    return nn.Conv2d(**cfg, dtype=torch.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=conv_configs, rank=st.integers(1, 4), size=st.tuples(st.integers(14, 20), st.integers(14, 20)))
+def test_output_shape_matches_conv(cfg, rank, size):
+    conv = build_conv(cfg)
+    if conv is None:
+        return
+    layer = fitted_pair(conv, rank).double()
+    x = torch.randn(2, cfg["in_channels"], *size, dtype=torch.float64)
+    assert layer(x).shape == conv(x).shape
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=conv_configs, size=st.tuples(st.integers(14, 20), st.integers(14, 20)))
+def test_full_rank_is_exact(cfg, size):
+    conv = build_conv(cfg)
+    if conv is None:
+        return
+    layer = fitted_pair(conv, decompose.full_rank(conv.weight)).double()
+    x = torch.randn(2, cfg["in_channels"], *size, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=conv_configs)
+def test_fit_error_decreases_with_rank(cfg):
+    conv = build_conv(cfg)
+    if conv is None:
+        return
+    singular_values = decompose.channel_singular_values(conv.weight)
+    errors = [decompose.relative_error(singular_values, r) for r in range(1, decompose.full_rank(conv.weight) + 1)]
+    assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-9
+    measured = []
+    for r in range(1, decompose.full_rank(conv.weight) + 1):
+        dense = decompose.reconstruct(*decompose.factorize(conv.weight, r), r)
+        measured.append(float((dense - conv.weight).norm() / conv.weight.norm()))
+    torch.testing.assert_close(torch.tensor(measured), torch.tensor(errors), atol=1e-9, rtol=1e-6)
+
+
+def test_depthwise_half_is_grouped_and_dilated():
+    """The widely copied version forgets groups and ignores dilation; ours does neither."""
+    layer = DepthwiseSeparableConv2d(8, 16, 3, stride=2, padding=2, dilation=2, rank=2)
+    assert layer.depthwise.groups == 8
+    assert layer.depthwise.out_channels == 16
+    assert layer.depthwise.weight.shape == (16, 1, 3, 3)  # without groups it would be (16, 8, 3, 3)
+    assert layer.depthwise.dilation == (2, 2)
+    assert layer.pointwise.kernel_size == (1, 1)
+    assert sum(p.numel() for p in layer.parameters()) == 16 * 9 + 16 * 16 + 16
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+def test_dilated_conv_reproduced(dilation):
+    conv = nn.Conv2d(4, 6, 3, padding=dilation, dilation=dilation, dtype=torch.float64)
+    layer = fitted_pair(conv, 6).double()
+    x = torch.randn(1, 4, 11, 11, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x))
+    if dilation > 1:  # ignoring dilation would give a different function
+        undilated = nn.Conv2d(4, 6, 3, padding=dilation, dtype=torch.float64)
+        undilated.load_state_dict(conv.state_dict())
+        wrong = undilated(x)
+        assert wrong.shape != conv(x).shape or not torch.allclose(wrong, conv(x))
+
+
+def test_looks_like_a_conv():
+    layer = DepthwiseSeparableConv2d(8, 16, (3, 5), stride=(1, 2), padding=(1, 2), dilation=1, bias=False, rank=3)
+    assert (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.rank) == (
+        8, 16, (3, 5), (1, 2), (1, 2), (1, 1), 3,
+    )
+    assert layer.bias is None
+    text = repr(layer)
+    assert "8, 16, kernel_size=(3, 5)" in text and "rank=3" in text and "bias=False" in text
+    assert DepthwiseSeparableConv2d(**{k: tuple(v) if isinstance(v, list) else v for k, v in layer.constructor_args().items()}).constructor_args() == layer.constructor_args()
+
+
+def test_rank_must_be_positive():
+    with pytest.raises(ValueError):
+        DepthwiseSeparableConv2d(4, 4, 3, rank=0)
