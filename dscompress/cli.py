@@ -126,6 +126,66 @@ def convert(model, out, rank, energy, macs_budget, dilation, include, exclude, m
 
 @cli.command()
 @click.argument("model")
+@click.option("-o", "--output", "out", required=True, help="Artifact folder to write.")
+@click.option("--ratio", type=float, required=True, help="Share (0-1) of channels to remove from each prunable layer.")
+@click.option("--importance", type=click.Choice(["magnitude", "taylor", "bn", "lamp"]), default="magnitude", show_default=True, help="How channels are ranked.")
+@click.option("--global", "global_pruning", is_flag=True, help="Rank channels across all layers instead of within each.")
+@click.option("--round-to", type=int, default=None, help="Keep channel counts multiples of N (e.g. 8).")
+@click.option("--ignore", multiple=True, help="Keep the output channels of layers matching this glob or re: pattern (repeatable).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@model_options
+def prune(model, out, ratio, importance, global_pruning, round_to, ignore, force, as_json, load_source):
+    """Remove MODEL's least important channels (Torch-Pruning) and save an artifact.
+
+    Layers that produce the model's output always keep their output channels.
+    """
+    from dscompress.artifact import check_output
+    from dscompress.prune import PruneConfig, prune_artifact
+    from dscompress.report import human
+
+    config = PruneConfig(ratio=ratio, importance=importance, global_pruning=global_pruning, round_to=round_to, ignore=list(ignore))
+    check_output(out, force)
+    artifact, record = prune_artifact(load_source(model), out, config, force=force)
+    if as_json:
+        print_json({**record.to_dict(), "output": artifact.path})
+        return
+    console.print(_prune_table(record))
+    console.print(
+        f"params: {human(record.params_before)} -> {human(record.params_after)} ({record.params_ratio:.1%} kept); "
+        f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({record.macs_ratio:.1%} kept)"
+    )
+    console.print("outputs kept: " + ", ".join(f"{k['name']} ({k['reason']})" for k in record.kept))
+    console.print(f"saved {artifact.path}")
+
+
+def _prune_table(record):
+    """Per-layer channels of a :class:`~dscompress.prune.PruneRecord` (norm layers follow their conv)."""
+    from rich.table import Table
+
+    from dscompress.report import human
+
+    shown = [layer for layer in record.layers if layer.type not in ("BatchNorm2d", "BatchNorm1d", "LayerNorm")]
+    changed = sum(layer.changed for layer in shown)
+    how = "globally" if record.config["global_pruning"] else "per layer"
+    table = Table(title=f"pruned {changed} of {len(shown)} layers ({record.config['importance']}, ratio {record.config['ratio']} {how})")
+    for title in ("layer", "type", "in", "out", "params", "MACs"):
+        table.add_column(title, justify="left" if title in ("layer", "type") else "right")
+    for layer in shown:
+        kind = layer.type + (f" r{layer.rank}" if layer.rank else "") + (f" g{layer.groups_after}" if layer.groups_after and layer.groups_after > 1 else "")
+        table.add_row(
+            layer.name,
+            kind,
+            f"{layer.in_before} -> {layer.in_after}" if layer.in_after != layer.in_before else str(layer.in_before),
+            f"{layer.out_before} -> {layer.out_after}" if layer.out_after != layer.out_before else str(layer.out_before),
+            f"{human(layer.params_before)} -> {human(layer.params_after)}",
+            f"{human(layer.macs_before)} -> {human(layer.macs_after)}",
+        )
+    return table
+
+
+@cli.command()
+@click.argument("model")
 @click.option("--data", required=True, help="Dataset: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
