@@ -74,9 +74,15 @@ def structure_of(model: nn.Module, base: nn.Module) -> dict:
         if reference is None:
             raise DscompressError(f"module {name!r} has no counterpart in the spec's model; cannot save it")
         attrs = _shape_attrs(module)
-        if attrs != _shape_attrs(reference):
+        if attrs != _shape_attrs(reference) or _tensor_shapes(module) != _tensor_shapes(reference):
             structure[name] = {"attrs": attrs}
     return structure
+
+
+def _tensor_shapes(module: nn.Module) -> dict:
+    """Shapes of a module's own parameters and buffers (not its children's)."""
+    tensors = {**module._parameters, **module._buffers}
+    return {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
 
 
 def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -95,6 +101,8 @@ def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Te
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)
     for key, tensor in state.items():
         owner_name, _, attr = key.rpartition(".")
+        if owner_name not in structure or "attrs" not in structure[owner_name]:
+            continue  # only recorded modules change shape; anything else is a mismatch to report
         try:
             owner = model.get_submodule(owner_name) if owner_name else model
         except AttributeError:

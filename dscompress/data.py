@@ -185,6 +185,16 @@ def _cifar(kind: str, root: str, split: str, input_size, download: bool) -> Data
             files = self.train_list + self.test_list
             return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name, _ in files)
 
+        def _load_meta(self) -> None:
+            import pickle
+
+            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+            if not os.path.isfile(path):
+                raise RuntimeError(f"no {self.meta['filename']} (the class names)")
+            with open(path, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
     folder = LocalCIFAR.base_folder
     if os.path.basename(os.path.normpath(root)) == folder:
         root = os.path.dirname(os.path.normpath(root))
