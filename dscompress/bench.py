@@ -1,0 +1,424 @@
+"""Latency and throughput of models side by side: PyTorch eager and ONNX Runtime providers.
+
+``bench(targets, config)`` times every target (a PyTorch model, an artifact, or an ONNX file)
+on every runtime in the same run, interleaving them: each round gives every runner a short
+block of runs, in alternating order, so that a slow spell of a shared machine (another
+process, thermal limits) hits all of them alike instead of whichever happened to run then.
+Blocks rather than single runs, because runtimes leave worker threads spinning for a moment
+after a run, which would be charged to whichever runtime ran next. A model without an ONNX
+file is exported to a temporary one for ONNX Runtime.
+
+Warm-up runs (not timed) absorb one-off costs: cuDNN algorithm search (``cudnn.benchmark`` for
+PyTorch, ONNX Runtime's exhaustive search), TensorRT engine builds and memory pool growth. On
+CUDA and TensorRT the input and output stay on the GPU through IO binding, so host/device
+copies are not timed; on the CPU, ONNX Runtime gets the same number of intra-op threads as
+PyTorch, and both numbers are recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from dscompress.errors import DscompressError
+from dscompress.validate import (
+    SHORT_NAMES,
+    available_providers,
+    onnx_input_shape,
+    open_session,
+    ort_name,
+    parse_batch_sizes,
+    parse_providers,
+    read_onnx,
+)
+
+# The runtime whose batch-1 p50 an artifact's report shows, first found first.
+HEADLINE_ORDER = ("ort-tensorrt", "ort-cuda", "ort-cpu", "torch-cuda", "torch-cpu")
+
+
+@dataclass
+class BenchConfig:
+    """What to time.
+
+    Attributes:
+        providers: ONNX Runtime providers (``cpu``, ``cuda``, ``tensorrt``, full names) or
+            ``auto`` for every provider that really runs here; ``none`` (or an empty list) times
+            PyTorch only.
+        batch_sizes: batch sizes to time, each in its own interleaved series.
+        warmup: untimed runs of every runner before timing, at each batch size.
+        iters: timed runs of every runner at each batch size.
+        threads: CPU threads for PyTorch (``torch.set_num_threads``) and ONNX Runtime
+            (intra-op); None keeps PyTorch's current number and gives ONNX Runtime the same.
+        torch: also time the PyTorch model eagerly (on the CPU, and on CUDA when a GPU is usable
+            and CUDA is among the providers).
+        block: timed runs of one runner before the next takes over (see :func:`bench`).
+        exporter: the exporter for models without an ONNX file (see :class:`~dscompress.export.ExportConfig`).
+    """
+
+    providers: list[str] = field(default_factory=lambda: ["auto"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 10
+    iters: int = 50
+    threads: int | None = None
+    torch: bool = True
+    block: int = 5
+    exporter: str = "auto"
+
+    def __post_init__(self):
+        from dscompress.export import EXPORTERS
+
+        none = not self.providers or (isinstance(self.providers, str) and self.providers.strip().lower() == "none")
+        self.providers = [] if none else parse_providers(self.providers)
+        self.batch_sizes = parse_batch_sizes(self.batch_sizes)
+        if self.warmup < 0:
+            raise DscompressError(f"warmup must be >= 0, got {self.warmup}")
+        if self.iters < 1:
+            raise DscompressError(f"iters must be at least 1, got {self.iters}")
+        if self.block < 1:
+            raise DscompressError(f"block must be at least 1, got {self.block}")
+        if self.threads is not None and self.threads < 1:
+            raise DscompressError(f"threads must be at least 1, got {self.threads}")
+        if self.exporter not in EXPORTERS:
+            raise DscompressError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
+        if not self.providers and not self.torch:
+            raise DscompressError("nothing to time: give providers or keep PyTorch timing on")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BenchConfig:
+        return cls(**d)
+
+
+@dataclass
+class BenchTarget:
+    """One thing to time: a PyTorch model, an ONNX file, or both (the file is then used for ORT).
+
+    Attributes:
+        label: the name shown in tables.
+        input_size: (C, H, W) of one image.
+        artifact: the artifact the model came from; the results are stored in its metrics.
+    """
+
+    label: str
+    input_size: tuple[int, int, int]
+    model: nn.Module | None = None
+    onnx_path: str | None = None
+    artifact: object | None = None
+
+
+@dataclass
+class BenchRecord:
+    """Timings of one target on one runtime at one batch size (milliseconds per batch).
+
+    ``status`` is ``ok``, ``unavailable`` (the runtime was asked for and cannot run here) or
+    ``skipped`` (found by ``auto``, or a fixed-batch graph at another batch); ``reason`` says why.
+    """
+
+    target: str
+    runtime: str
+    batch_size: int
+    status: str = "ok"
+    reason: str = ""
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    images_per_s: float | None = None
+    iters: int = 0
+    warmup: int = 0
+    torch_threads: int | None = None
+    ort_threads: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def machine() -> str:
+    """A one-line description of where the timings were taken."""
+    text = f"{platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def load_targets(names: list[str], load_source: Callable[[str], object]) -> list[BenchTarget]:
+    """Targets for command-line names: ``.onnx`` files, model names and artifact folders.
+
+    ``load_source`` turns a model name or folder into a :class:`~dscompress.artifact.Source`.
+    An ONNX file's input size is read from its graph, which must fix C, H and W.
+    """
+    targets = []
+    for name in names:
+        if name.endswith(".onnx") or os.path.isfile(name):
+            proto = read_onnx(name)
+            shape = onnx_input_shape(proto)
+            if len(shape) != 4 or not all(isinstance(v, int) and v > 0 for v in shape[1:]):
+                raise DscompressError(f"{name!r} has input shape {shape}; bench needs fixed C,H,W dimensions")
+            label = os.path.basename(name)
+            targets.append(BenchTarget(label, tuple(shape[1:]), onnx_path=name))
+            continue
+        source = load_source(name)
+        label = os.path.basename(os.path.normpath(source.artifact.path)) if source.artifact else source.spec.name
+        targets.append(BenchTarget(label, tuple(source.spec.input_size), model=source.model, artifact=source.artifact))
+    seen: dict[str, int] = {}
+    for target in targets:
+        count = seen.get(target.label, 0)
+        seen[target.label] = count + 1
+        if count:
+            target.label = f"{target.label}#{count + 1}"
+    return targets
+
+
+# --- runners -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Runner:
+    target: BenchTarget
+    runtime: str
+    batch_size: int
+    run: Callable[[], object]
+    ort_threads: int | None = None
+    samples: list[float] = field(default_factory=list)
+
+
+def _torch_runner(model: nn.Module, images: torch.Tensor, device: str) -> Callable[[], object]:
+    if device == "cuda":
+        images = images.cuda()
+
+        def run():
+            with torch.inference_mode():
+                model(images)
+            torch.cuda.synchronize()
+
+        return run
+
+    def run():
+        with torch.inference_mode():
+            return model(images)
+
+    return run
+
+
+def _ort_runner(session, images: np.ndarray, provider: str) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    feed_name = session.get_inputs()[0].name
+    if session.get_inputs()[0].type == "tensor(float16)":
+        images = images.astype(np.float16)
+    if ort_name(provider) == "CPUExecutionProvider":
+        return lambda: session.run(None, {feed_name: images})
+    # On a GPU the copies in and out would be timed too; bind device memory instead.
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(feed_name, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda", 0)
+    return lambda: session.run_with_iobinding(binding)
+
+
+def _fixed_batch(session) -> int | None:
+    first = session.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) and first > 0 else None
+
+
+def _percentiles(record: BenchRecord, samples: list[float]) -> None:
+    ms = np.asarray(samples) * 1e3
+    record.p50_ms, record.p90_ms, record.p99_ms = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+    record.mean_ms = float(ms.mean())
+    record.images_per_s = float(record.batch_size * len(ms) / (ms.sum() / 1e3))
+
+
+def _time_interleaved(runners: list[_Runner], warmup: int, iters: int, block: int) -> None:
+    """Warm every runner up, then time them in rounds of ``block`` runs each, order reversed every other round.
+
+    Each turn starts with one untimed run: the runtime that ran before may leave threads
+    spinning or caches cold for a moment, and that belongs to the switch, not to the model.
+    """
+    for _ in range(warmup):
+        for runner in runners:
+            runner.run()
+    rounds = -(-iters // block)
+    for i in range(rounds):
+        for runner in runners if i % 2 == 0 else reversed(runners):
+            runner.run()
+            for _ in range(min(block, iters - len(runner.samples))):
+                start = time.perf_counter()
+                runner.run()
+                runner.samples.append(time.perf_counter() - start)
+
+
+# --- benchmarking --------------------------------------------------------------------------------
+
+
+def _export_missing(targets: list[BenchTarget], folder: str, exporter: str) -> dict[str, str]:
+    """Export every target that has a model but no ONNX file; returns label -> path."""
+    from dscompress.export import ExportConfig, export_onnx
+
+    paths = {}
+    for i, target in enumerate(targets):
+        if target.onnx_path:
+            paths[target.label] = target.onnx_path
+        elif target.model is not None:
+            path = os.path.join(folder, f"target{i}.onnx")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_onnx(target.model, target.input_size, path, ExportConfig(exporter=exporter, validate=False))
+            paths[target.label] = path
+    return paths
+
+
+def bench(targets: list[BenchTarget], config: BenchConfig | None = None) -> list[BenchRecord]:
+    """Time every target on every runtime, interleaved, at each batch size.
+
+    Returns one :class:`BenchRecord` per (batch size, target, runtime), including runtimes
+    that could not run (status ``unavailable``/``skipped``). Targets from artifacts get the
+    results in their metrics (``latency``), with the machine and the targets timed alongside.
+    """
+    config = config or BenchConfig()
+    if not targets:
+        raise DscompressError("give at least one model, artifact folder or ONNX file to bench")
+    saved_threads = torch.get_num_threads()
+    threads = config.threads or saved_threads
+    providers = config.providers
+    automatic = providers == ["auto"]
+    if automatic:
+        providers = [SHORT_NAMES[p] for p in available_providers() if p in SHORT_NAMES]
+    cuda_torch = config.torch and torch.cuda.is_available() and "cuda" in providers
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dscompress-bench-") as tmp:
+            paths = _export_missing(targets, tmp, config.exporter) if providers else {}
+            sessions, unusable = {}, []
+            for provider in providers:
+                for target in targets:
+                    if target.label not in paths:
+                        continue
+                    session, reason = open_session(paths[target.label], provider, threads=threads)
+                    if session is None:
+                        unusable.append((target, f"ort-{provider}", "skipped" if automatic else "unavailable", reason))
+                    else:
+                        sessions[target.label, provider] = session
+            models = {t.label: t.model.eval() for t in targets if t.model is not None and config.torch}
+            cuda_models = {label: copy.deepcopy(m).cuda().eval() for label, m in models.items()} if cuda_torch else {}
+            if cuda_models:
+                torch.backends.cudnn.benchmark = True
+            records = []
+            for batch_size in config.batch_sizes:
+                records += _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads)
+    finally:
+        torch.set_num_threads(saved_threads)
+    _store(targets, records, config, threads)
+    return records
+
+
+def _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads) -> list[BenchRecord]:
+    records, runners = [], []
+    generator = torch.Generator().manual_seed(batch_size)
+    for target in targets:
+        images = torch.randn(batch_size, *target.input_size, generator=generator)
+        if target.label in models:
+            runners.append(_Runner(target, "torch-cpu", batch_size, _torch_runner(models[target.label], images, "cpu")))
+        if target.label in cuda_models:
+            runners.append(_Runner(target, "torch-cuda", batch_size, _torch_runner(cuda_models[target.label], images, "cuda")))
+        for (label, provider), session in sessions.items():
+            if label != target.label:
+                continue
+            fixed = _fixed_batch(session)
+            if fixed is not None and fixed != batch_size:
+                records.append(BenchRecord(target.label, f"ort-{provider}", batch_size, "skipped", f"the graph has a fixed batch of {fixed}"))
+                continue
+            runner = _ort_runner(session, images.numpy(), provider)
+            runners.append(_Runner(target, f"ort-{provider}", batch_size, runner, ort_threads=threads))
+    for target, runtime, status, reason in unusable:
+        records.append(BenchRecord(target.label, runtime, batch_size, status, reason))
+    _time_interleaved(runners, config.warmup, config.iters, config.block)
+    for runner in runners:
+        record = BenchRecord(
+            runner.target.label,
+            runner.runtime,
+            batch_size,
+            iters=config.iters,
+            warmup=config.warmup,
+            torch_threads=threads if runner.runtime.startswith("torch") else None,
+            ort_threads=runner.ort_threads,
+        )
+        _percentiles(record, runner.samples)
+        records.append(record)
+    order = {t.label: i for i, t in enumerate(targets)}
+    return sorted(records, key=lambda r: (order[r.target], r.runtime))
+
+
+def headline(results: list[dict]) -> dict | None:
+    """The result an artifact's report shows: the preferred runtime at the smallest batch."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    for runtime in HEADLINE_ORDER:
+        mine = sorted((r for r in ok if r["runtime"] == runtime), key=lambda r: r["batch_size"])
+        if mine:
+            return {"runtime": runtime, "batch_size": mine[0]["batch_size"], "p50_ms": mine[0]["p50_ms"]}
+    return None
+
+
+def _store(targets: list[BenchTarget], records: list[BenchRecord], config: BenchConfig, threads: int) -> None:
+    labels = [t.label for t in targets]
+    for target in targets:
+        if target.artifact is None:
+            continue
+        results = [
+            {k: v for k, v in r.to_dict().items() if k != "target"} for r in records if r.target == target.label
+        ]
+        target.artifact.update_metrics(
+            latency={
+                "machine": machine(),
+                "threads": threads,
+                "warmup": config.warmup,
+                "iters": config.iters,
+                "timed_with": [label for label in labels if label != target.label],
+                "headline": headline(results),
+                "results": results,
+            }
+        )
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def bench_table(records: list[BenchRecord]):
+    """A rich table of the timings; speed-up is the first target's p50 over this one's (same runtime, batch)."""
+    from rich.table import Table
+
+    first: dict[tuple[str, int], float] = {}
+    for r in records:
+        if r.status == "ok":
+            first.setdefault((r.runtime, r.batch_size), r.p50_ms)
+    table = Table(title="latency per batch (ms), throughput, and speed-up of p50 over the first model")
+    for name in ("model", "runtime", "batch", "p50", "p90", "p99", "images/s", "speed-up"):
+        table.add_column(name, justify="left" if name in ("model", "runtime") else "right")
+    for r in sorted(records, key=lambda r: (r.batch_size, r.runtime)):
+        if r.status != "ok":
+            table.add_row(r.target, r.runtime, str(r.batch_size), r.status, "-", "-", "-", r.reason[:80])
+            continue
+        speedup = first[r.runtime, r.batch_size] / r.p50_ms
+        table.add_row(
+            r.target,
+            r.runtime,
+            str(r.batch_size),
+            f"{r.p50_ms:.2f}",
+            f"{r.p90_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.images_per_s:,.1f}",
+            f"{speedup:.2f}x",
+        )
+    return table
