@@ -221,6 +221,140 @@ def report(paths, baseline, as_json, markdown):
         console.print(reporting.comparison_table(rows))
 
 
+def exit_failed(message: str) -> None:
+    """A check ran and did not pass: one line and exit status 1 (2 is for bad input)."""
+    click.echo(f"failed: {message}", err=True)
+    sys.exit(1)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--onnx", "out", required=True, help="ONNX file to write.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--batch", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size N.")
+@click.option("--fp16", is_flag=True, help="Half-precision weights and activations (input and output stay float32).")
+@click.option("--simplify", is_flag=True, help="Simplify with onnxslim; keeps NAME.unsimplified.onnx beside it.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: torch.export, falling back to TorchScript.")
+@click.option("--no-validate", is_flag=True, help="Skip the comparison with PyTorch on ONNX Runtime.")
+@click.option("--providers", default="cpu", show_default=True, help="Validate on: cpu, cuda, tensorrt (comma-separated) or auto.")
+@click.option("--force", is_flag=True, help="Replace the ONNX file if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@model_options
+def export(model, out, opset, batch, fp16, simplify, exporter, no_validate, providers, force, as_json, load_source):
+    """Export MODEL (a name or an artifact folder) to ONNX and validate it on ONNX Runtime."""
+    from dscompress.artifact import check_output
+    from dscompress.export import ExportConfig, ExportWarning, export_lines, export_source
+    from dscompress.validate import validation_lines, validation_table
+
+    config = ExportConfig(
+        opset=opset, batch=batch, fp16=fp16, simplify=simplify, exporter=exporter, validate=not no_validate, providers=providers
+    )
+    check_output(out, force)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        record = export_source(load_source(model), out, config, force=force)
+    for w in caught:
+        if issubclass(w.category, ExportWarning):
+            click.echo(f"warning: {w.message}", err=True)
+    if as_json:
+        print_json(record.to_dict())
+    else:
+        from dscompress.export import _validation_from_dict
+
+        for line in export_lines(record):
+            console.print(line)
+        for label, v in (("unsimplified", record.validation_unsimplified), ("", record.validation)):
+            if v:
+                validation = _validation_from_dict(v)
+                console.print(validation_table(validation, title=f"{label + ' ' if label else ''}ONNX Runtime vs PyTorch: {validation.status}"))
+                for line in validation_lines(validation):
+                    console.print(line)
+    if record.validation_status in ("fail", "unavailable"):
+        exit_failed(f"validation {record.validation_status}: {record.failure()}")
+
+
+@cli.command()
+@click.argument("onnx_file", metavar="ONNX")
+@click.option("--against", required=True, help="MODEL or artifact folder the ONNX file was exported from.")
+@click.option("--providers", default="auto", show_default=True, help="cpu, cuda, tensorrt (comma-separated) or auto.")
+@click.option("--batch-sizes", default="1,3", show_default=True, help="Batch sizes to compare at.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default 1e-4 for fp32, 1e-2 for fp16).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (default 1e-3 for fp32, 1e-2 for fp16).")
+@click.option("--data", default=None, help="Also measure top-1 agreement on real images: digits, mnist:DIR, cifar10:DIR, ...")
+@click.option("--data-limit", type=int, default=512, show_default=True, help="Test images used with --data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@model_options
+def validate(onnx_file, against, providers, batch_sizes, atol, rtol, data, data_limit, as_json, load_source):
+    """Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider."""
+    from dscompress.validate import ValidateConfig, read_onnx, validate_onnx, validation_lines, validation_table
+
+    config = ValidateConfig(providers=providers, batch_sizes=batch_sizes, atol=atol, rtol=rtol, data=data, data_limit=data_limit)
+    read_onnx(onnx_file)
+    source = load_source(against)
+    record = validate_onnx(onnx_file, source.model, source.spec.input_size, config)
+    if as_json:
+        print_json(record.to_dict())
+    else:
+        console.print(validation_table(record))
+        for line in validation_lines(record):
+            console.print(line)
+    if not record.passed:
+        exit_failed(f"validation {record.status}: {record.failure() or 'no provider ran'}")
+
+
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, metavar="MODEL|DIR|ONNX...")
+@click.option("--providers", default="auto", show_default=True, help="ONNX Runtime providers: cpu, cuda, tensorrt, auto, or none.")
+@click.option("--batch-sizes", default="1,32", show_default=True, help="Batch sizes to time.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per runtime and batch size.")
+@click.option("--iters", type=int, default=50, show_default=True, help="Timed runs per runtime and batch size.")
+@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's).")
+@click.option("--no-torch", is_flag=True, help="Time ONNX Runtime only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@model_options
+def bench(targets, providers, batch_sizes, warmup, iters, threads, no_torch, as_json, load_source):
+    """Latency and throughput of models side by side, on PyTorch and ONNX Runtime."""
+    from dscompress import bench as benchmarking
+
+    config = benchmarking.BenchConfig(
+        providers=providers, batch_sizes=batch_sizes, warmup=warmup, iters=iters, threads=threads, torch=not no_torch
+    )
+    records = benchmarking.bench(benchmarking.load_targets(list(targets), load_source), config)
+    if as_json:
+        print_json([r.to_dict() for r in records])
+        return
+    console.print(benchmarking.bench_table(records))
+    console.print(f"{benchmarking.machine()}; threads: {config.threads or records[0].torch_threads or records[0].ort_threads}")
+
+
+@cli.command("run")
+@click.argument("recipe_path", metavar="RECIPE")
+@click.option("-o", "--output", "out", default=None, help="Run folder (default: runs/<recipe name>).")
+@click.option("--set", "overrides", multiple=True, help="Override an option: STEP.key=value (a kind or step name) or model.key=value.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write report.png in the run folder.")
+def run_recipe(recipe_path, out, overrides, device, plot):
+    """Run a recipe end to end (continuing a stopped run) and print the comparison report."""
+    import os
+
+    from dscompress import recipe as recipes
+    from dscompress import report as reporting
+    from dscompress.pipeline import run
+
+    recipe = recipes.load(recipe_path, list(overrides))
+    out = out or os.path.join("runs", recipe.name or os.path.splitext(os.path.basename(recipe_path))[0])
+    result = run(recipe, out, log=lambda line: console.print(line, highlight=False), device=device)
+    rows = reporting.compare([out])
+    markdown = reporting.comparison_markdown(rows)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown + "\n")
+    console.print(reporting.comparison_table(rows))
+    if plot:
+        console.print(f"plot: {reporting.plot(rows, os.path.join(out, 'report.png'))}")
+    done = sum(s.status == "done" for s in result.steps)
+    console.print(f"{done} steps run, {len(result.steps) - done} skipped; report: {os.path.join(out, 'report.md')}")
+
+
 def main():
     cli(prog_name="dscompress")
 

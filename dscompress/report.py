@@ -17,6 +17,8 @@ COLUMNS = [
     ("params", "params", "{:,}"),
     ("macs", "MACs", "{:,}"),
     ("size_bytes", "size MB", None),
+    ("latency_ms", "p50 ms", None),  # from `dscompress bench`: metrics["latency"]["headline"]
+    ("onnx_check", "ONNX", None),  # from `dscompress export`: metrics["onnx"]["validation"]
 ]
 
 
@@ -66,6 +68,15 @@ def compare(paths: list[str], baseline: str | None = None) -> list[dict]:
                 row[f"{key}_ratio"] = metrics[key] / base.metrics[key]
         if metrics.get("top1") is not None and base.metrics.get("top1") is not None:
             row["top1_delta"] = metrics["top1"] - base.metrics["top1"]
+        latency = (metrics.get("latency") or {}).get("headline")
+        base_latency = (base.metrics.get("latency") or {}).get("headline")
+        if latency:
+            row["latency_ms"] = latency["p50_ms"]
+            row["latency_on"] = f"{latency['runtime']} b{latency['batch_size']}"
+            if base_latency and (base_latency["runtime"], base_latency["batch_size"]) == (latency["runtime"], latency["batch_size"]):
+                row["latency_ms_ratio"] = latency["p50_ms"] / base_latency["p50_ms"]
+        if metrics.get("onnx"):
+            row["onnx_check"] = metrics["onnx"].get("validation")
         rows.append(row)
     return rows
 
@@ -78,6 +89,10 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
         text = f"{value / 1e6:.2f}"
     elif key in ("params", "macs"):
         text = human(value)
+    elif key == "latency_ms":
+        text = f"{value:.2f} {row['latency_on']}"
+    elif key == "onnx_check":
+        text = str(value)
     else:
         text = fmt.format(value)
     ratio = row.get(f"{key}_ratio")
