@@ -1,0 +1,157 @@
+"""Benchmarking: every runtime of every model timed side by side, results sane and stored."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from dscompress.bench import BenchConfig, BenchTarget, bench, headline, load_targets
+from dscompress.cli import cli
+from dscompress.convert import ConvertConfig, convert
+from dscompress.errors import DscompressError
+from dscompress.export import ExportConfig, export_onnx
+
+SIZE = (3, 32, 32)
+GPU = torch.cuda.is_available()
+FAST = {"batch_sizes": [1, 2], "warmup": 1, "iters": 6, "block": 2}
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """An original and a converted model, each with its ONNX file (exported once, for speed)."""
+    folder = tmp_path_factory.mktemp("bench")
+    original = small_model()
+    converted, _ = convert(original, SIZE, ConvertConfig(rank=1))
+    targets = []
+    for label, model in (("original", original), ("converted", converted)):
+        path = str(folder / f"{label}.onnx")
+        export_onnx(model, SIZE, path, ExportConfig(exporter="torchscript", validate=False))
+        targets.append(BenchTarget(label, SIZE, model, onnx_path=path))
+    return targets
+
+
+def check_timings(record, iters):
+    assert record.status == "ok", record.reason
+    assert 0 < record.p50_ms <= record.p90_ms <= record.p99_ms
+    assert record.mean_ms > 0 and record.images_per_s > 0
+    assert record.iters == iters
+
+
+def test_two_models_on_pytorch_and_ort_cpu(two_models):
+    records = bench(two_models, BenchConfig(providers="cpu", **FAST))
+    got = {(r.target, r.runtime, r.batch_size) for r in records}
+    assert got == {(t, rt, b) for t in ("original", "converted") for rt in ("torch-cpu", "ort-cpu") for b in (1, 2)}
+    threads = torch.get_num_threads()
+    for record in records:
+        check_timings(record, iters=6)
+        if record.runtime == "ort-cpu":
+            assert record.ort_threads == threads
+        else:
+            assert record.torch_threads == threads
+
+
+def test_threads_are_set_and_restored(two_models):
+    before = torch.get_num_threads()
+    records = bench(two_models[:1], BenchConfig(providers="cpu", threads=1, **FAST))
+    assert {r.torch_threads or r.ort_threads for r in records} == {1}
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(GPU, reason="a usable GPU is present")
+def test_cuda_without_gpu_is_unavailable_not_timed(two_models):
+    records = bench(two_models[:1], BenchConfig(providers="cpu,cuda", **FAST))
+    cuda = [r for r in records if r.runtime == "ort-cuda"]
+    assert len(cuda) == 2 and all(r.status == "unavailable" and r.p50_ms is None for r in cuda)
+    assert "fell back" in cuda[0].reason
+    assert not any(r.runtime == "torch-cuda" for r in records)
+
+
+def test_onnx_file_and_artifact_targets(tmp_path):
+    from dscompress.artifact import Artifact, resolve, save
+    from dscompress.models import ModelSpec, build_model
+
+    spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
+    folder = save(str(tmp_path / "r18"), build_model(spec), spec, steps=[]).path
+    onnx_path = str(tmp_path / "fixed.onnx")
+    export_onnx(small_model(), SIZE, onnx_path, ExportConfig(batch=2, exporter="torchscript", validate=False))
+
+    targets = load_targets([folder, onnx_path], resolve)
+    assert [t.label for t in targets] == ["r18", "fixed.onnx"]
+    records = bench(targets, BenchConfig(providers="cpu", exporter="torchscript", threads=1, **FAST))
+    by_key = {(r.target, r.runtime, r.batch_size): r for r in records}
+    assert by_key["fixed.onnx", "ort-cpu", 1].status == "skipped"  # its batch is fixed at 2
+    check_timings(by_key["fixed.onnx", "ort-cpu", 2], iters=6)
+    assert ("fixed.onnx", "torch-cpu", 2) not in by_key  # no PyTorch model behind a bare file
+
+    latency = Artifact.open(folder).metrics["latency"]
+    assert latency["timed_with"] == ["fixed.onnx"]
+    assert latency["headline"]["runtime"] == "ort-cpu" and latency["headline"]["batch_size"] == 1
+    assert len(latency["results"]) == 4  # torch-cpu and ort-cpu at batch 1 and 2
+
+    from dscompress.report import compare
+
+    row = compare([folder])[0]
+    assert row["latency_ms"] == latency["headline"]["p50_ms"] and row["latency_on"] == "ort-cpu b1"
+
+
+def test_cli_json(tmp_path):
+    onnx_path = str(tmp_path / "m.onnx")
+    export_onnx(small_model(), SIZE, onnx_path, ExportConfig(exporter="torchscript", validate=False))
+    args = ["bench", onnx_path, onnx_path, "--providers", "cpu", "--batch-sizes", "1", "--warmup", "1", "--iters", "4", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [r["target"] for r in records] == ["m.onnx", "m.onnx#2"]
+    assert all(r["status"] == "ok" and r["p50_ms"] <= r["p99_ms"] for r in records)
+
+
+def test_headline_prefers_onnx_runtime_at_the_smallest_batch():
+    results = [
+        {"runtime": "torch-cpu", "batch_size": 1, "status": "ok", "p50_ms": 1.0},
+        {"runtime": "ort-cpu", "batch_size": 8, "status": "ok", "p50_ms": 4.0},
+        {"runtime": "ort-cpu", "batch_size": 2, "status": "ok", "p50_ms": 2.0},
+        {"runtime": "ort-cuda", "batch_size": 1, "status": "unavailable"},
+    ]
+    assert headline(results) == {"runtime": "ort-cpu", "batch_size": 2, "p50_ms": 2.0}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"iters": 0}, "iters"),
+        ({"warmup": -1}, "warmup"),
+        ({"threads": 0}, "threads"),
+        ({"batch_sizes": "0"}, "positive"),
+        ({"providers": "none", "torch": False}, "nothing to time"),
+        ({"providers": "npu"}, "unknown provider"),
+        ({"exporter": "tf"}, "exporter"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(DscompressError, match=message):
+        BenchConfig(**kwargs)
+
+
+def test_model_without_onnx_file_is_exported_for_ort():
+    records = bench([BenchTarget("m", SIZE, small_model())], BenchConfig(providers="cpu", exporter="torchscript", **FAST))
+    assert {(r.runtime, r.status) for r in records} == {("torch-cpu", "ok"), ("ort-cpu", "ok")}
+
+
+def test_pytorch_only():
+    records = bench([BenchTarget("m", SIZE, small_model())], BenchConfig(providers="none", **FAST))
+    assert {r.runtime for r in records} == {"torch-cpu"}

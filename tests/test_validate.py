@@ -1,0 +1,250 @@
+"""Validation on ONNX Runtime: real differences are caught, missing providers are never passed off."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from dscompress.cli import cli
+from dscompress.errors import DscompressError
+from dscompress.export import ExportConfig, export_onnx
+from dscompress.validate import (
+    ValidateConfig,
+    compare_outputs,
+    open_session,
+    parse_providers,
+    top1_agreement,
+    validate_onnx,
+)
+
+SIZE = (3, 32, 32)
+GPU = torch.cuda.is_available()
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A small model and its ONNX file (dynamic batch, TorchScript exporter for speed)."""
+    path = str(tmp_path_factory.mktemp("onnx") / "small.onnx")
+    model = small_model()
+    export_onnx(model, SIZE, path, ExportConfig(exporter="torchscript", validate=False))
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def artifact_export(tmp_path_factory):
+    """A resnet18 artifact (10 classes, 3x32x32) and its ONNX file, for the command line."""
+    root = tmp_path_factory.mktemp("cli")
+    from dscompress.artifact import save
+    from dscompress.models import ModelSpec, build_model
+
+    spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
+    artifact = save(str(root / "r18"), build_model(spec), spec, steps=[])
+    out = str(root / "r18.onnx")
+    export_onnx(artifact.model(), SIZE, out, ExportConfig(exporter="torchscript", validate=False))
+    return artifact.path, out
+
+
+def test_matching_model_passes_at_two_batch_sizes(exported):
+    model, path = exported
+    record = validate_onnx(path, model, SIZE, ValidateConfig(providers="cpu", batch_sizes="1,3"))
+    assert record.status == "pass" and record.passed
+    result = record.providers[0]
+    assert result.session_providers[0] == "CPUExecutionProvider"
+    assert [d.batch_size for d in result.diffs] == [1, 3]
+    for d in result.diffs:
+        assert d.max_abs <= 1e-4 and d.mismatched == 0
+        assert d.median_abs <= d.max_abs and d.mean_abs <= d.max_abs
+    assert (record.atol, record.rtol) == (1e-4, 1e-3)
+
+
+def test_perturbed_weights_fail(exported):
+    model, path = exported
+    perturbed = small_model()
+    with torch.no_grad():
+        perturbed[3].weight.add_(0.01 * torch.randn_like(perturbed[3].weight))
+    record = validate_onnx(path, perturbed, SIZE, ValidateConfig(providers="cpu"))
+    assert record.status == "fail" and not record.passed
+    assert record.providers[0].status == "fail"
+    assert "outside atol" in record.failure()
+    assert all(d.mismatched > 0 for d in record.providers[0].diffs)
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_provider_is_reported_truthfully(exported, provider):
+    model, path = exported
+    record = validate_onnx(path, model, SIZE, ValidateConfig(providers=["cpu", provider]))
+    result = {r.provider: r for r in record.providers}[provider]
+    if GPU and result.status == "pass":
+        assert result.session_providers[0] == {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+        return
+    # Without a GPU, ONNX Runtime runs the session on the CPU: that must not count as a pass.
+    assert not GPU or result.status == "unavailable"
+    assert result.status == "unavailable" and result.diffs == []
+    assert result.reason  # why, from ONNX Runtime's log
+    assert record.status == "unavailable" and not record.passed
+    assert f"{provider} unavailable" in record.failure()
+
+
+def test_open_session_refuses_a_silent_cpu_fallback(exported):
+    if GPU:
+        pytest.skip("a usable GPU is present: CUDA does not fall back")
+    _, path = exported
+    assert "CUDAExecutionProvider" in ort.get_available_providers()  # the wheel claims it...
+    session, reason = open_session(path, "cuda")
+    assert session is None  # ...but it cannot run here
+    assert "fell back to CPUExecutionProvider" in reason
+
+
+def test_auto_skips_unusable_providers_with_a_note(exported):
+    model, path = exported
+    record = validate_onnx(path, model, SIZE, ValidateConfig(providers="auto"))
+    statuses = {r.provider: r.status for r in record.providers}
+    assert statuses["cpu"] == "pass"
+    assert record.status == "pass"
+    for provider, status in statuses.items():
+        assert status in ("pass", "skipped")
+        if status == "skipped":
+            assert any(note.startswith(f"auto skipped {provider}") for note in record.notes)
+
+
+def test_top1_agreement_on_real_digits(exported):
+    """load_digits images, resized to the input size: the ONNX model agrees with PyTorch."""
+    from sklearn.datasets import load_digits
+
+    model, path = exported
+    digits = load_digits()
+    images = torch.tensor(digits.images[:96], dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, size=SIZE[1:], mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    labels = torch.tensor(digits.target[:96])
+    batches = [(images[i : i + 32], labels[i : i + 32]) for i in range(0, 96, 32)]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def run(x):
+        return session.run(None, {"input": x.numpy()})[0]
+
+    result = top1_agreement(run, model, batches, limit=80)
+    assert result["images"] == 80
+    assert result["agreement"] == 100.0
+    assert 0 <= result["onnx_top1"] <= 100 and result["onnx_top1"] == result["torch_top1"]
+
+    # A model that ranks the classes the other way round never agrees; labels are optional.
+    class Negated(nn.Module):
+        def forward(self, x):
+            return -model(x)
+
+    disagreement = top1_agreement(run, Negated(), [b[0] for b in batches])
+    assert disagreement["images"] == 96 and disagreement["agreement"] == 0.0
+    assert "onnx_top1" not in disagreement
+
+
+def test_data_spec_adds_agreement(exported):
+    model, path = exported
+    record = validate_onnx(path, model, SIZE, ValidateConfig(providers="cpu", data="digits", data_limit=100))
+    agreement = record.providers[0].agreement
+    assert agreement["images"] == 100 and agreement["agreement"] == 100.0
+
+
+def test_nan_and_tolerance_arithmetic():
+    reference = np.array([[1.0, -2.0, 0.0, 100.0]], dtype=np.float32)
+    close = reference + np.array([[5e-5, -5e-5, 9e-5, 0.09]], dtype=np.float32)  # 0.09 <= 1e-4 + 1e-3 * 100
+    d = compare_outputs(close, reference, "logits", 1, atol=1e-4, rtol=1e-3)
+    assert d.passed and d.mismatched == 0
+    assert d.max_abs == pytest.approx(0.09, rel=1e-3)
+    far = reference.copy()
+    far[0, 2] = 2e-4
+    assert compare_outputs(far, reference, "logits", 1, 1e-4, 1e-3).mismatched == 1
+    broken = reference.copy()
+    broken[0, 0] = np.nan
+    assert not compare_outputs(broken, reference, "logits", 1, 1e-4, 1e-3).passed
+
+
+def test_model_mode_is_restored(exported):
+    _, path = exported
+    model = small_model().train()
+    assert validate_onnx(path, model, SIZE, ValidateConfig(providers="cpu")).passed  # compared in eval mode
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"providers": "cpu,gpu"}, "unknown provider 'gpu'"),
+        ({"providers": "auto,cpu"}, "give it alone"),
+        ({"providers": ""}, "at least one provider"),
+        ({"batch_sizes": "1,0"}, "positive integers"),
+        ({"batch_sizes": "one"}, "positive integers"),
+        ({"atol": -1.0}, "atol"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(DscompressError, match=message):
+        ValidateConfig(**kwargs)
+
+
+def test_provider_names():
+    assert parse_providers("CPU, cuda,TensorrtExecutionProvider") == ["cpu", "cuda", "tensorrt"]
+    assert parse_providers(["CUDAExecutionProvider", "cuda"]) == ["cuda"]
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def test_cli_json_and_table(artifact_export):
+    folder, onnx_path = artifact_export
+    result = CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder, "--providers", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["status"] == "pass" and record["batch_sizes"] == [1, 3]
+    result = CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder, "--batch-sizes", "2,5"])
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime vs PyTorch: pass" in result.stdout
+
+
+def test_cli_cuda_request_without_gpu_exits_non_zero(artifact_export):
+    if GPU:
+        pytest.skip("a usable GPU is present")
+    folder, onnx_path = artifact_export
+    result = CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder, "--providers", "cpu,cuda"])
+    assert result.exit_code == 1
+    assert "cuda unavailable" in result.stderr
+    assert "pass" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda tmp, folder, onnx_path: [str(tmp / "missing.onnx"), "--against", folder], "does not exist"),
+        (lambda tmp, folder, onnx_path: [str(tmp / "notes.txt"), "--against", folder], "is not an ONNX model"),
+        (lambda tmp, folder, onnx_path: [onnx_path, "--against", "resnet18", "--num-classes", "10"], "--input-size 3,32,32"),
+        (lambda tmp, folder, onnx_path: [onnx_path, "--against", "resnet18", "--input-size", "3,32,32"], "shape (1, 10) in the ONNX model"),
+        (lambda tmp, folder, onnx_path: [onnx_path, "--against", folder, "--providers", "gpu"], "unknown provider"),
+    ],
+    ids=["missing-file", "not-onnx", "input-size-mismatch", "output-shape-mismatch", "unknown-provider"],
+)
+def test_cli_bad_input_is_one_line(artifact_export, tmp_path, make_args, message):
+    folder, onnx_path = artifact_export
+    (tmp_path / "notes.txt").write_text("not a model")
+    result = CliRunner().invoke(cli, ["validate", *make_args(tmp_path, folder, onnx_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
