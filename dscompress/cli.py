@@ -204,6 +204,59 @@ def evaluate(model, data, batch_size, device, workers, as_json, load_source):
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Dataset: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR.")
+@click.option("-o", "--output", "out", required=True, help="Artifact folder to write (checkpoints go to OUT.partial/ meanwhile).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--teacher", default="original", show_default=True, help="'original' (the uncompressed model MODEL keeps), 'none' (labels only: a baseline), or an artifact folder / model name.")
+@click.option("--alpha", type=float, default=0.9, show_default=True, help="Weight of the distillation loss; 1 - alpha goes to the labels.")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.05 for sgd, 1e-3 for adamw].")
+@click.option("--schedule", type=click.Choice(["cosine", "onecycle"]), default="cosine", show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--weight-decay", type=float, default=None, help="[default: 5e-4 for sgd, 0.05 for adamw]")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Per process under torchrun.")
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True, help="Save the best epoch's weights (by test top-1) or the last.")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True, help="Mixed precision on CUDA (auto: bf16 if supported, else fp16).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial/.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists, and discard an unfinished run in OUT.partial/.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@model_options
+def finetune(model, data, out, epochs, teacher, alpha, temperature, optimizer, lr, schedule, label_smoothing, weight_decay, batch_size, keep, amp, seed, device, workers, resume, force, as_json, load_source):
+    """Fine-tune MODEL by distillation from its original (or train it: --teacher none) and save an artifact.
+
+    Several GPUs or machines: torchrun --nproc-per-node N -m dscompress finetune ...
+    """
+    from dscompress.artifact import check_output
+    from dscompress.train import FinetuneConfig, FinetuneInterrupted, finetune_artifact, finetune_summary, finetune_table
+
+    config = FinetuneConfig(
+        data=data, epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
+        label_smoothing=label_smoothing, batch_size=batch_size, teacher=teacher, alpha=alpha, temperature=temperature,
+        keep=keep, amp=amp, seed=seed, device=device, workers=workers,
+    )
+    check_output(out, force)
+    try:
+        artifact, record = finetune_artifact(load_source(model), out, config, force=force, resume=resume, progress=True)
+    except FinetuneInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    if artifact is None:  # not rank 0 under torchrun
+        return
+    if as_json:
+        print_json({**record.to_dict(), "output": artifact.path})
+        return
+    console.print(finetune_table(record))
+    for line in finetune_summary(record):
+        console.print(line)
+    console.print(f"saved {artifact.path}")
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--baseline", default=None, help="Artifact the ratios compare against (default: the first).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")

@@ -1,0 +1,329 @@
+"""Fine-tuning: distillation wins back accuracy, runs resume exactly, bad runs stop with one line.
+
+Everything runs on the real ``digits`` data at 16x16 (8x8 for the resume runs) with
+:class:`SmallNet`, which the CLI names ``test_train:small_net``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.utils.data import Dataset
+
+from dscompress.artifact import Artifact, load, resolve
+from dscompress.cli import cli
+from dscompress.convert import ConvertConfig, convert_artifact
+from dscompress.data import load_dataset
+from dscompress.errors import DscompressError
+from dscompress.evaluate import evaluate
+from dscompress.train import (
+    FinetuneConfig,
+    FinetuneInterrupted,
+    checkpoint_path,
+    distillation_loss,
+    finetune,
+    read_checkpoint,
+    work_folder,
+)
+
+SIZE = "3,16,16"
+MODEL = "test_train:small_net"
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+class SmallNet(nn.Module):
+    """Three 3x3 conv blocks with BatchNorm, and dropout (so that resuming must restore the RNG)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.head(self.conv2(self.conv1(self.stem(x))))
+
+
+def small_net(num_classes: int = 10) -> SmallNet:
+    return SmallNet(num_classes)
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["finetune", *args], catch_exceptions=False)
+
+
+def run_ok(*args: str) -> dict:
+    result = run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: these models are too small to gain from more, and on a busy 2-core machine
+    competing threads wait on each other (10x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir):
+    """A SmallNet trained on labels for 4 epochs, the way a user trains a baseline."""
+    out = str(workdir / "base")
+    torch.manual_seed(0)
+    run_ok(MODEL, "--num-classes", "10", "--input-size", SIZE, "--data", "digits", "--teacher", "none",
+           "--epochs", "4", "--lr", "0.1", "-o", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(baseline, workdir):
+    """The baseline with its two 16/32-channel 3x3 convs at rank 1: far less accurate."""
+    out = str(workdir / "converted")
+    convert_artifact(resolve(baseline), out, ConvertConfig(rank=1))
+    return out
+
+
+# --- config and loss -------------------------------------------------------------------------------
+
+
+def test_config_defaults_follow_the_optimizer_and_round_trip():
+    sgd, adamw = FinetuneConfig(), FinetuneConfig(optimizer="adamw")
+    assert (sgd.lr, sgd.weight_decay) == (0.05, 5e-4)
+    assert (adamw.lr, adamw.weight_decay) == (1e-3, 0.05)
+    config = FinetuneConfig(data="digits", epochs=3, schedule="onecycle", teacher="none", label_smoothing=0.1)
+    assert FinetuneConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(DscompressError, match="unknown finetune option"):
+        FinetuneConfig.from_dict({**config.to_dict(), "epoch": 3})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"lr": -1.0}, "learning rate"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+        ({"schedule": "step"}, "schedule must be one of"),
+        ({"label_smoothing": 1.0}, "label smoothing"),
+        ({"data": "svhn"}, "unknown dataset"),
+    ],
+    ids=["epochs", "lr", "alpha", "temperature", "optimizer", "schedule", "smoothing", "data"],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(DscompressError, match=message):
+        FinetuneConfig(**kwargs)
+
+
+def test_distillation_loss_mixes_soft_and_hard_terms():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    hard = nn.functional.cross_entropy(student, labels)
+    assert torch.allclose(distillation_loss(student, None, labels), hard)
+    assert torch.allclose(distillation_loss(student, teacher, labels, alpha=0.0), hard)
+    # A student that already matches its teacher pays only the label term.
+    assert torch.allclose(distillation_loss(student, student.clone(), labels, alpha=0.9), 0.1 * hard)
+    # The soft term is T^2 * KL(teacher || student) at temperature T.
+    t = 4.0
+    kl = (torch.softmax(teacher / t, -1) * (torch.log_softmax(teacher / t, -1) - torch.log_softmax(student / t, -1))).sum(-1).mean()
+    assert torch.allclose(distillation_loss(student, teacher, labels, alpha=1.0, temperature=t), t * t * kl, atol=1e-6)
+
+
+# --- the pipeline ----------------------------------------------------------------------------------
+
+
+def test_baseline_is_its_own_original(baseline):
+    artifact = Artifact.open(baseline)
+    assert [s["step"] for s in artifact.steps] == ["finetune"]
+    record = artifact.steps[0]["record"]
+    assert record["teacher"] is None and record["top1"] > 85
+    assert artifact.metrics["top1"] == record["top1"]
+    trained, original = artifact.model().state_dict(), artifact.original_model().state_dict()
+    assert all(torch.equal(trained[k], original[k]) for k in trained)
+    assert not os.path.exists(work_folder(baseline))
+
+
+def test_distillation_recovers_a_converted_model(baseline, converted, workdir):
+    out = str(workdir / "distilled")
+    record = run_ok(converted, "--data", "digits", "--epochs", "2", "--lr", "0.02", "-o", out)
+
+    assert record["teacher"].endswith("(original)")
+    assert record["teacher_top1"] == Artifact.open(baseline).metrics["top1"]
+    assert record["top1"] >= record["start_top1"] + 30, record  # rank 1 starts far below the baseline
+    artifact = Artifact.open(out)
+    assert [s["step"] for s in artifact.steps] == ["finetune", "convert", "finetune"]
+    assert artifact.steps[-1]["config"]["teacher"] == "original"
+    # The saved weights are the kept epoch's: evaluating them again gives the recorded accuracy.
+    assert artifact.metrics["top1"] == record["top1"]
+    assert evaluate(load(out), "digits", (3, 16, 16), device="cpu").top1 == pytest.approx(record["top1"], abs=1e-3)
+    # The teacher travels on: the distilled artifact keeps the baseline as its original.
+    base, original = load(baseline).state_dict(), artifact.original_model().state_dict()
+    assert all(torch.equal(base[k], original[k]) for k in base)
+    assert not os.path.exists(work_folder(out))
+
+
+# --- resuming --------------------------------------------------------------------------------------
+
+
+class CtrlCAt(Dataset):
+    """A dataset that raises KeyboardInterrupt, as Ctrl-C would, when its ``at``-th image is read."""
+
+    def __init__(self, dataset: Dataset, at: int):
+        self.dataset, self.at, self.reads = dataset, at, 0
+        self.classes = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads == self.at:
+            raise KeyboardInterrupt
+        return self.dataset[index]
+
+
+def _only_plain_data(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _only_plain_data(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_only_plain_data(v) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, bool, int, float, str))
+
+
+@pytest.mark.parametrize("where", ["after_epoch", "mid_epoch"])
+def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(tmp_path, where):
+    size = (3, 8, 8)
+    train, test = load_dataset("digits", size, "train"), load_dataset("digits", size, "test")
+    torch.manual_seed(1)
+    start, teacher = small_net(), small_net().eval()
+    config = FinetuneConfig(epochs=2, lr=0.1, device="cpu", seed=7)
+
+    expected, full = finetune(copy.deepcopy(start), copy.deepcopy(teacher), train, test, config, checkpoint_dir=str(tmp_path / "a"))
+
+    folder = str(tmp_path / "b")
+    if where == "after_epoch":
+        def stop(epoch, record):
+            if epoch == 1:
+                raise KeyboardInterrupt
+        with pytest.raises(FinetuneInterrupted, match="--resume"):
+            finetune(copy.deepcopy(start), copy.deepcopy(teacher), train, test, config, checkpoint_dir=folder, on_epoch_end=stop)
+    else:
+        per_epoch = len(train) // config.batch_size * config.batch_size
+        interrupted = CtrlCAt(train, at=1 + per_epoch + per_epoch // 2)  # half-way through epoch 2
+        with pytest.raises(FinetuneInterrupted, match="during epoch 2 of 2"):
+            finetune(copy.deepcopy(start), copy.deepcopy(teacher), interrupted, test, config, checkpoint_dir=folder)
+    state = torch.load(checkpoint_path(folder), weights_only=True)
+    assert state["epoch"] == 1 and _only_plain_data(state)
+
+    torch.manual_seed(12345)  # a new process would start from other random state
+    resumed, record = finetune(copy.deepcopy(start), copy.deepcopy(teacher), train, test, config, checkpoint_dir=folder, resume=True)
+
+    assert record.resumed_at == [1]
+    assert [e.train_loss for e in record.epochs] == [e.train_loss for e in full.epochs]
+    assert [e.test_top1 for e in record.epochs] == [e.test_top1 for e in full.epochs]
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in expected.state_dict().items())
+
+
+def test_cli_resume_continues_and_checks_the_checkpoint(baseline, converted, workdir):
+    out = str(workdir / "resumed")
+    args = ("--data", "digits", "--teacher", "none", "--epochs", "2", "-o", out)
+    def stop(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(FinetuneInterrupted):
+        finetune(load(baseline), None, load_dataset("digits", (3, 16, 16)), load_dataset("digits", (3, 16, 16), "test"),
+                 FinetuneConfig(epochs=2, teacher="none", device="cpu"), checkpoint_dir=work_folder(out), on_epoch_end=stop)
+    assert read_checkpoint(work_folder(out))["epoch"] == 1
+
+    cases = [
+        ((baseline, *args), "holds an unfinished run"),
+        ((baseline, *args, "--resume", "--lr", "0.01"), "was made with lr=0.05, not 0.01"),
+        ((converted, *args, "--resume"), "was made for a different model"),
+    ]
+    for argv, message in cases:
+        result = run(*argv)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+
+    record = run_ok(baseline, *args, "--resume")
+    assert record["resumed_at"] == [1] and len(record["epochs"]) == 2
+    assert Artifact.open(out).metrics["top1"] == record["top1"]
+    assert not os.path.exists(work_folder(out))
+
+
+# --- failures --------------------------------------------------------------------------------------
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(baseline, workdir):
+    out = str(workdir / "diverged")
+    result = run(baseline, "--data", "digits", "--teacher", "none", "--epochs", "2", "--lr", "1e6", "-o", out)
+    assert result.exit_code == 2, result.output
+    assert "the loss became nan" in result.stderr and "--force" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(out)
+    state = read_checkpoint(work_folder(out))
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{base}", "--data", "mnist:{work}/no-such-folder", "-o", "{work}/x"], "does not exist"),
+        ([MODEL, "--num-classes", "5", "--input-size", SIZE, "--data", "digits", "--teacher", "none", "-o", "{work}/x"],
+         "digits has 10 classes but the model has 5 outputs"),
+        (["{base}", "--data", "digits", "--resume", "-o", "{work}/x"], "no checkpoint to resume from"),
+        (["{base}", "--data", "digits", "-o", "{base}"], "already exists"),
+        ([MODEL, "--num-classes", "10", "--input-size", SIZE, "--data", "digits", "-o", "{work}/x"], "--teacher none"),
+        (["{base}", "--data", "digits", "--alpha", "2", "-o", "{work}/x"], "alpha"),
+        (["{base}", "--data", "digits", "--amp", "fp16", "--device", "cpu", "-o", "{work}/x"], "needs a CUDA device"),
+    ],
+    ids=["missing-data", "class-mismatch", "resume-nothing", "output-exists", "plain-model-teacher", "alpha", "amp-on-cpu"],
+)
+def test_bad_input_is_one_line(baseline, workdir, argv, message):
+    result = run(*[a.format(base=baseline, work=workdir) for a in argv])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(workdir / "x")
+
+
+# --- several processes ------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_on_cpu(converted, workdir):
+    out = str(workdir / "ddp")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "dscompress", "finetune", converted, "--data", "digits", "--epochs", "1", "--lr", "0.02",
+        "--device", "cpu", "--json", "-o", out,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout)  # one JSON document: only rank 0 prints
+    assert record["world_size"] == 2 and record["device"] == "cpu"
+    assert record["train_images"] == 2 * (len(load_dataset("digits", (3, 16, 16))) // 2 // 64 * 64)
+    assert record["test_images"] == 360  # each image evaluated once across the two processes
+    assert record["top1"] > record["start_top1"]
+    artifact = Artifact.open(out)
+    assert [s["step"] for s in artifact.steps] == ["finetune", "convert", "finetune"]
+    assert evaluate(artifact.model(), "digits", (3, 16, 16), device="cpu").top1 == pytest.approx(record["top1"], abs=1e-3)
+    assert not os.path.exists(work_folder(out))
