@@ -68,8 +68,8 @@ def structure_of(model: nn.Module, base: nn.Module) -> dict:
         if isinstance(module, DepthwiseSeparableConv2d):
             structure[name] = {"type": type(module).__name__, "args": module.constructor_args()}
             continue
-        if any(name.startswith(n + ".") for n in structure):
-            continue  # inside a swapped layer
+        if any(name.startswith(n + ".") for n, entry in structure.items() if "type" in entry):
+            continue  # inside a swapped layer (a resized one, e.g. a block with a layer scale, is not)
         reference = base_modules.get(name)
         if reference is None:
             raise DscompressError(f"module {name!r} has no counterpart in the spec's model; cannot save it")

@@ -48,6 +48,36 @@ def gate_net(num_classes: int = 10) -> GateNet:
     return GateNet(num_classes)
 
 
+class ScaledBlock(nn.Module):
+    """A block that owns a parameter beside its child layers, like ConvNeXt's layer scale."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.expand = nn.Conv2d(dim, 2 * dim, 1)
+        self.project = nn.Conv2d(2 * dim, dim, 1)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.layer_scale * self.project(F.gelu(self.expand(self.norm(self.depthwise(x)))))
+
+
+class LayerScaleNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = ScaledBlock(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def layer_scale_net(num_classes: int = 10) -> LayerScaleNet:
+    return LayerScaleNet(num_classes)
+
+
 def _ds_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv2d)}
 
@@ -167,6 +197,7 @@ CASES = {
     "mobilenet_v2": ("mobilenet_v2", None),
     "resnet18": ("resnet18", None),
     "gatenet": (f"{__name__}:gate_net", None),
+    "layerscale": (f"{__name__}:layer_scale_net", None),
 }
 RATIO = 0.5
 
@@ -229,6 +260,9 @@ def test_depthwise_convs_stay_depthwise(case):
             assert module.out_channels < before[name].out_channels, name
         if type(module) is nn.Conv2d and before[name].out_channels == 1:
             assert (module.out_channels, module.groups) == (1, 1), name
+    if case["name"] == "layerscale":
+        block = case["pruned"].block
+        assert block.layer_scale.shape == (block.depthwise.out_channels, 1, 1) == (8, 1, 1)
     if case["name"] == "gatenet":
         pruned = case["pruned"]
         assert (pruned.smooth.in_channels, pruned.smooth.out_channels) == (1, 1)
