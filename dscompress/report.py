@@ -33,9 +33,13 @@ def human(n: float) -> str:
 def find_artifacts(paths: list[str]) -> list[str]:
     """Artifact folders among ``paths``; a folder that is not one is searched one level down."""
     found = []
+    from dscompress.pipeline import RUN_FILE, load_run
+
     for path in paths:
         if is_artifact(path):
             found.append(path)
+        elif os.path.isfile(os.path.join(path, RUN_FILE)):
+            found += load_run(path)
         elif os.path.isdir(path):
             inner = sorted(os.path.join(path, d) for d in os.listdir(path) if is_artifact(os.path.join(path, d)))
             if not inner:
@@ -176,3 +180,48 @@ def conversion_totals(record) -> list[str]:
             reasons.setdefault(s["reason"], []).append(s["name"])
         lines.append("skipped: " + "; ".join(f"{', '.join(n[:3])}{' ...' if len(n) > 3 else ''} ({r})" for r, n in reasons.items()))
     return lines
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Accuracy against MACs and against latency, one labelled point per artifact, as a PNG.
+
+    Artifacts without a top-1 are left out (evaluate them first); the latency panel shows those
+    that have a ``bench`` result. Written atomically.
+    """
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("top1") is not None]
+    if not points:
+        raise DscompressError("nothing to plot: no artifact has a top-1 accuracy; run `dscompress evaluate DIR --data SPEC` first")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [(axes[0], "macs", "MACs per image (millions)", 1e-6), (axes[1], "latency_ms", "p50 latency (ms)", 1.0)]
+    for ax, key, label, scale in panels:
+        shown = [r for r in points if r.get(key) is not None]
+        for r in shown:
+            ax.scatter(r[key] * scale, r["top1"], s=40)
+            ax.annotate(r["name"], (r[key] * scale, r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        if not shown:
+            ax.text(0.5, 0.5, "no latency measured\n(run dscompress bench)", ha="center", va="center", transform=ax.transAxes)
+    axes[0].set_title("accuracy vs compute")
+    axes[1].set_title("accuracy vs latency")
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
