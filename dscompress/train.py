@@ -471,6 +471,7 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.console = Console(stderr=True)
+        if enabled and self.console.is_terminal:  # in logs, only the line per epoch
             self.bar = Progress(
                 TextColumn("epoch {task.fields[epoch]}/" + str(total_epochs)),
                 BarColumn(),

@@ -207,13 +207,17 @@ def _only_plain_data(value) -> bool:
     return value is None or isinstance(value, (torch.Tensor, bool, int, float, str))
 
 
-@pytest.mark.parametrize("where", ["after_epoch", "mid_epoch"])
-def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(tmp_path, where):
+@pytest.mark.parametrize(
+    "where, optimizer, schedule",
+    [("after_epoch", "sgd", "cosine"), ("mid_epoch", "adamw", "onecycle")],
+    ids=["after_epoch-sgd-cosine", "mid_epoch-adamw-onecycle"],
+)
+def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(tmp_path, where, optimizer, schedule):
     size = (3, 8, 8)
     train, test = load_dataset("digits", size, "train"), load_dataset("digits", size, "test")
     torch.manual_seed(1)
     start, teacher = small_net(), small_net().eval()
-    config = FinetuneConfig(epochs=2, lr=0.1, device="cpu", seed=7)
+    config = FinetuneConfig(epochs=2, optimizer=optimizer, schedule=schedule, device="cpu", seed=7)
 
     expected, full = finetune(copy.deepcopy(start), copy.deepcopy(teacher), train, test, config, checkpoint_dir=str(tmp_path / "a"))
 
@@ -308,18 +312,22 @@ def test_bad_input_is_one_line(baseline, workdir, argv, message):
 # --- several processes ------------------------------------------------------------------------------
 
 
-def test_torchrun_two_processes_on_cpu(converted, workdir):
+def test_torchrun_two_processes_on_cpu(baseline, converted, workdir):
     out = str(workdir / "ddp")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "dscompress", "finetune", converted, "--data", "digits", "--epochs", "1", "--lr", "0.02",
+        "-m", "dscompress", "finetune", converted, "--teacher", baseline, "--data", "digits", "--epochs", "1", "--lr", "0.02",
         "--device", "cpu", "--json", "-o", out,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout)  # one JSON document: only rank 0 prints
     assert record["world_size"] == 2 and record["device"] == "cpu"
+    assert record["teacher"] == baseline
+    # Summed over the two halves of the test set: the baseline's own accuracy (within one image,
+    # as batches of other sizes may round differently).
+    assert abs(record["teacher_top1"] - Artifact.open(baseline).metrics["top1"]) <= 100 / 360
     assert record["train_images"] == 2 * (len(load_dataset("digits", (3, 16, 16))) // 2 // 64 * 64)
     assert record["test_images"] == 360  # each image evaluated once across the two processes
     assert record["top1"] > record["start_top1"]
