@@ -226,7 +226,12 @@ def _ort_runner(session, images: np.ndarray, provider: str) -> Callable[[], obje
     binding.bind_ortvalue_input(feed_name, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
     for output in session.get_outputs():
         binding.bind_output(output.name, "cuda", 0)
-    return lambda: session.run_with_iobinding(binding)
+
+    def run():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run
 
 
 def _fixed_batch(session) -> int | None:
@@ -284,12 +289,16 @@ def bench(targets: list[BenchTarget], config: BenchConfig | None = None) -> list
     """Time every target on every runtime, interleaved, at each batch size.
 
     Returns one :class:`BenchRecord` per (batch size, target, runtime), including runtimes
-    that could not run (status ``unavailable``/``skipped``). Targets from artifacts get the
-    results in their metrics (``latency``), with the machine and the targets timed alongside.
+    that could not run (status ``unavailable``/``skipped``). Models are put in eval mode.
+    Targets from artifacts get the results in their metrics (``latency``), with the machine and
+    the targets timed alongside.
     """
     config = config or BenchConfig()
     if not targets:
         raise DscompressError("give at least one model, artifact folder or ONNX file to bench")
+    for target in targets:
+        if target.model is None and not config.providers:
+            raise DscompressError(f"{target.label} is an ONNX file: it needs an ONNX Runtime provider; drop --providers none")
     saved_threads = torch.get_num_threads()
     threads = config.threads or saved_threads
     providers = config.providers

@@ -33,6 +33,7 @@ from dscompress.validate import (
     ValidationRecord,
     captured_output,
     eval_mode,
+    onnx_input_shape,
     parse_providers,
     validate_onnx,
 )
@@ -145,16 +146,18 @@ class ExportRecord:
                 return status
         return "not run"
 
+    def validations(self) -> list[tuple[str, ValidationRecord]]:
+        """(label, record) of each validation run: ``unsimplified`` (before onnxslim) and ``final``."""
+        pairs = [("unsimplified", self.validation_unsimplified), ("final", self.validation)]
+        return [(label, ValidationRecord.from_dict(v)) for label, v in pairs if v]
+
     def failure(self) -> str:
         """One line saying what did not validate (empty when all passed or none ran)."""
         parts = []
-        for v in (self.validation_unsimplified, self.validation):
-            if v and v["status"] != "pass":
-                failure = _validation_from_dict(v).failure()
-                if v is self.validation_unsimplified:
-                    failure = f"before onnxslim: {failure}"
-                if failure.removeprefix("before onnxslim: ") not in [p.removeprefix("before onnxslim: ") for p in parts]:
-                    parts.append(failure)
+        for label, record in self.validations():
+            failure = record.failure()
+            if failure and failure not in parts:
+                parts.append(failure)
         return "; ".join(parts)
 
     def summary(self) -> dict:
@@ -169,26 +172,13 @@ class ExportRecord:
             "validation": self.validation_status,
         }
         if self.validation:
-            summary["validated"] = _validation_from_dict(self.validation).summary()
+            summary["validated"] = ValidationRecord.from_dict(self.validation).summary()
         return summary
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["validation_status"] = self.validation_status
         return d
-
-
-def _validation_from_dict(d: dict) -> ValidationRecord:
-    from dscompress.validate import OutputDiff, ProviderResult
-
-    d = dict(d)
-    d.pop("status", None)
-    providers = []
-    for p in d.pop("providers"):
-        p = dict(p)
-        p["diffs"] = [OutputDiff(**x) for x in p["diffs"]]
-        providers.append(ProviderResult(**p))
-    return ValidationRecord(providers=providers, **d)
 
 
 # --- checks on the graph -------------------------------------------------------------------------
@@ -275,10 +265,17 @@ class _HalfPrecision(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        out = self.model(x.half())
-        if isinstance(out, torch.Tensor):
-            return out.float()
-        return type(out)(t.float() for t in out)
+        return _to_float(self.model(x.half()))
+
+
+def _to_float(out):
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a named tuple
+        return type(out)(*(_to_float(v) for v in out))
+    return type(out)(_to_float(v) for v in out)
 
 
 def _one_line(error: BaseException) -> str:
@@ -397,12 +394,6 @@ def _stamp(proto, metadata: dict) -> None:
     onnx.helper.set_model_props(proto, existing)
 
 
-def _input_shape(proto) -> list:
-    from dscompress.validate import onnx_input_shape
-
-    return onnx_input_shape(proto)
-
-
 def export_onnx(
     model: nn.Module,
     input_size,
@@ -445,8 +436,10 @@ def export_onnx(
         try:
             outputs = _example_outputs(module, example)
         except Exception as e:  # noqa: BLE001
+            precision = " in half precision (drop --fp16?)" if config.fp16 else ""
             raise DscompressError(
-                f"the model does not run on inputs of size {','.join(map(str, input_size))}: {_one_line(e)}; check --input-size (C,H,W)"
+                f"the model does not run{precision} on inputs of size {','.join(map(str, input_size))}: "
+                f"{_one_line(e)}; check --input-size (C,H,W)"
             ) from None
         output_names = [OUTPUT_NAME] + [f"output_{i}" for i in range(1, outputs)]
         with tempfile.TemporaryDirectory(prefix="dscompress-export-") as tmp:
@@ -481,7 +474,7 @@ def export_onnx(
         example_batch=example_batch,
         precision=precision,
         input_size=input_size,
-        input_shape=_input_shape(proto),
+        input_shape=onnx_input_shape(proto),
         output_names=[o.name for o in proto.graph.output],
         size_bytes=0,
         nodes=len(proto.graph.node),
@@ -503,7 +496,9 @@ def export_onnx(
         record.nodes = len(proto.graph.node)
         record.metadata = {p.key: p.value for p in proto.metadata_props}
     record.external_data = _write_atomic(proto, path)
-    record.size_bytes = os.path.getsize(path) + (os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(path)), record.external_data)) if record.external_data else 0)
+    record.size_bytes = os.path.getsize(path)
+    if record.external_data:
+        record.size_bytes += os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(path)), record.external_data))
     if config.validate:
         record.validation = validate_onnx(path, model, input_size, validate).to_dict()
     return record

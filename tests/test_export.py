@@ -19,6 +19,7 @@ from dscompress.convert import ConvertConfig, convert, convert_artifact
 from dscompress.errors import DscompressError
 from dscompress.export import ExportConfig, ExportWarning, explicit_same_pads, export_onnx, same_pad_dilation_nodes
 from dscompress.models import ModelSpec
+from dscompress.validate import TOLERANCES
 from dscompress.report import compare
 
 SIZE = (3, 32, 32)
@@ -189,7 +190,7 @@ def test_fp16_export_validates_at_fp16_tolerance(tmp_path):
     assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer)
     validation = record.validation
     assert validation["status"] == "pass"
-    assert (validation["atol"], validation["rtol"]) == (1e-2, 1e-2)
+    assert (validation["atol"], validation["rtol"]) == TOLERANCES["fp16"]
     assert max(d["max_abs"] for d in validation["providers"][0]["diffs"]) > 1e-6  # really half precision
 
 
