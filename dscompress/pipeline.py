@@ -71,15 +71,6 @@ def _read_state(out_dir: str) -> dict:
         raise DscompressError(f"{path} is damaged ({e}); delete it to run every step again") from None
 
 
-def _check_order(recipe: Recipe) -> None:
-    exported = False
-    for step in recipe.steps:
-        if step.kind == "export":
-            exported = True
-        if step.kind == "validate" and not exported:
-            raise DscompressError(f"{recipe.path}:{step.line}: steps.{step.name}: validate needs an export step before it")
-
-
 def _output(out_dir: str, step: Step) -> str:
     return os.path.join(out_dir, step.name)
 
@@ -90,7 +81,6 @@ def _finished(entry: dict | None, key: str, output: str) -> bool:
 
 def run(recipe: Recipe, out_dir: str, log=print, device: str = "auto") -> RunResult:
     """Run (or continue) a recipe into ``out_dir``; returns what each step did."""
-    _check_order(recipe)
     os.makedirs(out_dir, exist_ok=True)
     state = _read_state(out_dir)
     state["recipe"] = recipe.path
@@ -155,9 +145,9 @@ def _execute(step: Step, recipe: Recipe, output: str, current: str | None, onnx_
         artifact, record = prune_artifact(source, output, config, force=True)
         summary = {"macs": record.macs_after, "params": record.params_after}
     elif step.kind == "finetune":
-        from dscompress.train import finetune_artifact, work_folder
+        from dscompress.train import checkpoint_path, finetune_artifact, work_folder
 
-        resume = os.path.isfile(os.path.join(work_folder(output), "checkpoint.pt"))
+        resume = os.path.isfile(checkpoint_path(work_folder(output)))
         if resume:
             log(f"  continuing the interrupted fine-tune in {work_folder(output)}")
         artifact, record = finetune_artifact(source, output, config, force=True, resume=resume, progress=False)

@@ -213,7 +213,9 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
         if step_name in names:
             problem(at + (kind,), f"step name {step_name!r} is used twice")
         names.add(step_name)
-        if kind in ("calibrate", "finetune", "evaluate") and not (clean.get("data") or data.get("data")):
+        if kind == "validate" and not any(s.kind == "export" for s in steps):
+            problem(at + (kind,), "validate needs an export step before it")
+        if kind in ("calibrate", "evaluate") and not (clean.get("data") or data.get("data")):
             problem(at + (kind,), "needs data: give 'data' here or at the top of the recipe")
         steps.append(Step(kind, clean, step_name, lines.get(at, 0)))
     if not problems:
@@ -246,21 +248,25 @@ def _check_config(step: Step, default_data, path: str, problems: list[str]) -> N
 
 
 def _apply_override(data: dict, override: str) -> None:
-    """``--set KIND_OR_NAME.key=value`` (every step of that kind, or the named one) or ``model.key=value``."""
+    """``--set KIND_OR_NAME.key=value`` (every step of that kind, or the named one), ``model.key=value``
+    or ``data=SPEC``."""
     target, eq, value_text = override.partition("=")
+    if eq and target == "data":
+        data["data"] = value_text
+        return
     step, dot, key = target.partition(".")
     if not eq or not dot or not key:
-        raise DscompressError(f"--set {override!r}: write STEP.key=value, e.g. finetune.epochs=1 or model.num_classes=10")
+        raise DscompressError(f"--set {override!r}: write STEP.key=value, model.key=value or data=SPEC, e.g. finetune.epochs=1")
     value = yaml.safe_load(value_text) if value_text else None
     if step == "model":
         data.setdefault("model", {})[key] = value
         return
     hit = False
-    for raw in data.get("steps") or []:
+    for i, raw in enumerate(data.get("steps") or []):
         if isinstance(raw, dict) and len(raw) == 1:
             kind, options = next(iter(raw.items()))
             options = options if isinstance(options, dict) else {}
-            if step in (kind, options.get("name")):
+            if step in (kind, options.get("name") or f"{i + 1:02d}-{kind}"):
                 options[key] = value
                 raw[kind] = options
                 hit = True

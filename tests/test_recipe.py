@@ -1,0 +1,75 @@
+import os
+
+import pytest
+
+from dscompress import recipe
+from dscompress.errors import DscompressError
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
+
+GOOD = """
+model: {name: resnet18, num_classes: 10, input_size: [3, 16, 16]}
+data: digits
+steps:
+  - finetune: {name: baseline, teacher: none, epochs: 1}
+  - convert: {macs-budget: 0.25}
+  - export: {}
+"""
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(RECIPES) if f.endswith(".yaml")))
+def test_shipped_recipes_are_valid(name):
+    parsed = recipe.load(os.path.join(RECIPES, name))
+    assert parsed.steps and parsed.model["name"]
+
+
+def test_parse_normalises_names_and_defaults():
+    parsed = recipe.parse(GOOD, "good.yaml")
+    assert [s.name for s in parsed.steps] == ["baseline", "02-convert", "03-export"]
+    assert parsed.steps[1].options == {"macs_budget": 0.25}
+    config = recipe.step_config(parsed.steps[0], parsed.data)
+    assert (config.data, config.teacher, config.epochs) == ("digits", "none", 1)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (GOOD.replace("macs-budget: 0.25", "rnak: 1"), "good.yaml:6: steps[1].convert.rnak: unknown option (known: rank, energy, macs-budget"),
+        (GOOD.replace("epochs: 1", "epochs: five"), "good.yaml:5: steps[0].finetune.epochs: expected int, got str 'five'"),
+        (GOOD.replace("model: {name: resnet18, ", "model: {"), "good.yaml:2: model: missing required key 'name'"),
+        (GOOD.replace("- export: {}", "- quantize: {}"), "good.yaml:7: steps[2].quantize: unknown step"),
+        (GOOD.replace("data: digits", "datta: digits"), "good.yaml:3: datta: unknown key"),
+        (GOOD.replace("macs-budget: 0.25", "macs-budget: 1.5"), "good.yaml:6: steps.02-convert: macs_budget must be in (0, 1]"),
+        (GOOD.replace("  - convert: {macs-budget: 0.25}\n", "  - convert: {rank: 1}\n  - validate: {}\n").replace("  - export: {}\n", ""), "good.yaml:7: steps[2].validate: validate needs an export step before it"),
+        ("steps: [", "good.yaml:1: not valid YAML"),
+        ("model: {name: resnet18}\n", "good.yaml:1: steps: missing"),
+        (GOOD.replace("name: baseline,", "name: x,").replace("{macs-budget: 0.25}", "{name: x}"), "step name 'x' is used twice"),
+    ],
+    ids=["unknown-option", "wrong-type", "missing-name", "unknown-step", "unknown-top-key", "bad-value", "validate-first", "bad-yaml", "no-steps", "duplicate-name"],
+)
+def test_bad_recipes_name_the_place(text, message):
+    with pytest.raises(DscompressError) as info:
+        recipe.parse(text, "good.yaml")
+    assert message in str(info.value)
+
+
+def test_every_problem_is_reported_at_once():
+    text = GOOD.replace("epochs: 1", "epochs: x").replace("macs-budget: 0.25", "rnak: 1")
+    with pytest.raises(DscompressError) as info:
+        recipe.parse(text, "good.yaml")
+    assert len(str(info.value).splitlines()) == 2
+
+
+def test_overrides():
+    parsed = recipe.parse(GOOD, "good.yaml", ["finetune.epochs=3", "baseline.lr=0.1", "model.num_classes=4", "02-convert.rank=2", "convert.macs_budget=null"])
+    assert parsed.steps[0].options["epochs"] == 3 and parsed.steps[0].options["lr"] == 0.1
+    assert parsed.model["num_classes"] == 4
+    with pytest.raises(DscompressError, match="no step of kind or name 'prune'"):
+        recipe.parse(GOOD, "good.yaml", ["prune.ratio=0.5"])
+    with pytest.raises(DscompressError, match="write STEP.key=value"):
+        recipe.parse(GOOD, "good.yaml", ["epochs=3"])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(DscompressError, match="cannot read recipe"):
+        recipe.load("/nonexistent.yaml")
