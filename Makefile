@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
-	$(VENV)/bin/dscompress convert resnet18 --num-classes 10 --input-size 3,64,64 -o runs/quickstart/resnet18-ds --force
+	$(VENV)/bin/dscompress run recipes/quickstart.yaml -o runs/quickstart
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

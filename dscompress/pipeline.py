@@ -106,7 +106,7 @@ def run(recipe: Recipe, out_dir: str, log=print, device: str = "auto") -> RunRes
             summary = _execute(step, recipe, output, current, onnx_path, models, log, device)
             seconds = round(time.perf_counter() - start, 2)
             result = StepResult(step.name, step.kind, key, output, "done", seconds, summary)
-            state["steps"][step.name] = {"kind": step.kind, "key": key, "status": "done", "output": output, "seconds": seconds, "summary": summary}
+            state["steps"][step.name] = {"kind": step.kind, "key": key, "status": "done", "output": step.name, "seconds": seconds, "summary": summary}
             write_json_atomic(os.path.join(out_dir, RUN_FILE), state)
             log(f"{prefix}: finished in {seconds:.1f}s")
         if step.kind in MODEL_STEPS:
@@ -205,5 +205,6 @@ def _write_record(folder: str, record) -> None:
 
 def load_run(out_dir: str) -> list[str]:
     """Model artifact folders of a finished or partial run, in step order."""
-    return [e["output"] for e in _read_state(out_dir)["steps"].values() if e.get("kind") in MODEL_STEPS and os.path.isdir(e["output"])]
+    folders = [os.path.join(out_dir, e["output"]) for e in _read_state(out_dir)["steps"].values() if e.get("kind") in MODEL_STEPS]
+    return [f for f in folders if os.path.isdir(f)]
 

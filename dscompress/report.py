@@ -17,7 +17,6 @@ COLUMNS = [
     ("params", "params", "{:,}"),
     ("macs", "MACs", "{:,}"),
     ("size_bytes", "size MB", None),
-    ("latency_ms", "p50 ms", None),  # from `dscompress bench`: metrics["latency"]["headline"]
     ("onnx_check", "ONNX", None),  # from `dscompress export`: metrics["onnx"]["validation"]
 ]
 
@@ -56,6 +55,8 @@ def compare(paths: list[str], baseline: str | None = None) -> list[dict]:
     The baseline is ``baseline`` if given, else the first artifact.
     """
     artifacts = [Artifact.open(p) for p in find_artifacts(paths)]
+    if not artifacts:
+        raise DscompressError(f"no artifacts to compare in {', '.join(paths)}")
     base = Artifact.open(baseline) if baseline else artifacts[0]
     rows = []
     for artifact in artifacts:
@@ -72,17 +73,25 @@ def compare(paths: list[str], baseline: str | None = None) -> list[dict]:
                 row[f"{key}_ratio"] = metrics[key] / base.metrics[key]
         if metrics.get("top1") is not None and base.metrics.get("top1") is not None:
             row["top1_delta"] = metrics["top1"] - base.metrics["top1"]
-        latency = (metrics.get("latency") or {}).get("headline")
-        base_latency = (base.metrics.get("latency") or {}).get("headline")
-        if latency:
-            row["latency_ms"] = latency["p50_ms"]
-            row["latency_on"] = f"{latency['runtime']} b{latency['batch_size']}"
-            if base_latency and (base_latency["runtime"], base_latency["batch_size"]) == (latency["runtime"], latency["batch_size"]):
-                row["latency_ms_ratio"] = latency["p50_ms"] / base_latency["p50_ms"]
+        for runtime, batch, p50 in _latencies(metrics):
+            key = f"p50:{runtime} b{batch}"
+            row[key] = p50
+            base_p50 = {(r, b): v for r, b, v in _latencies(base.metrics)}.get((runtime, batch))
+            if base_p50:
+                row[f"{key}_ratio"] = p50 / base_p50
+        headline = (metrics.get("latency") or {}).get("headline")
+        if headline:
+            row["latency_ms"] = headline["p50_ms"]  # the one the plot shows
         if metrics.get("onnx"):
             row["onnx_check"] = metrics["onnx"].get("validation")
         rows.append(row)
     return rows
+
+
+def _latencies(metrics: dict) -> list[tuple[str, int, float]]:
+    """(runtime, batch size, p50 ms) of every successful `dscompress bench` result."""
+    results = (metrics.get("latency") or {}).get("results") or []
+    return [(r["runtime"], r["batch_size"], r["p50_ms"]) for r in results if r.get("status") == "ok" and r.get("p50_ms")]
 
 
 def _cell(row: dict, key: str, fmt: str | None) -> str:
@@ -93,8 +102,8 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
         text = f"{value / 1e6:.2f}"
     elif key in ("params", "macs"):
         text = human(value)
-    elif key == "latency_ms":
-        text = f"{value:.2f} {row['latency_on']}"
+    elif key.startswith("p50:"):
+        text = f"{value:.2f}"
     elif key == "onnx_check":
         text = str(value)
     else:
@@ -108,27 +117,37 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
 
 
 def _columns(rows: list[dict]) -> list[tuple[str, str, str | None]]:
-    return [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    latency_keys = sorted({k for r in rows for k in r if k.startswith("p50:") and not k.endswith("_ratio")})
+    onnx = [c for c in columns if c[0] == "onnx_check"]
+    columns = [c for c in columns if c[0] != "onnx_check"]
+    return columns + [(k, f"{k[4:]} p50 ms", None) for k in latency_keys] + onnx
+
+
+def _made_by(row: dict) -> str:
+    """The step that made an artifact, and how many came before (the full list is in --json)."""
+    steps = row["steps"]
+    return f"{steps[-1]} (#{len(steps)})" if steps else "-"
 
 
 def comparison_table(rows: list[dict]) -> Table:
     table = Table(title="dscompress report (ratios and deltas against the first row)")
     table.add_column("artifact")
-    table.add_column("steps")
+    table.add_column("last step")
     columns = _columns(rows)
     for _, title, _ in columns:
         table.add_column(title, justify="right")
     for row in rows:
-        table.add_row(row["name"], " > ".join(row["steps"]) or "-", *[_cell(row, k, f) for k, _, f in columns])
+        table.add_row(row["name"], _made_by(row), *[_cell(row, k, f) for k, _, f in columns])
     return table
 
 
 def comparison_markdown(rows: list[dict]) -> str:
     columns = _columns(rows)
-    head = ["artifact", "steps"] + [title for _, title, _ in columns]
+    head = ["artifact", "last step"] + [title for _, title, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["name"], " > ".join(row["steps"]) or "-"] + [_cell(row, k, f) for k, _, f in columns]
+        cells = [row["name"], _made_by(row)] + [_cell(row, k, f) for k, _, f in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

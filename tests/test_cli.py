@@ -80,7 +80,7 @@ def test_report_compares_artifacts(tmp_path):
     assert [r["name"] for r in rows] == ["rank1", "rank2"]
     assert rows[1]["macs_ratio"] > 1 and rows[1]["params"] > rows[0]["params"]
     markdown = run("report", tmp_path / "rank1", tmp_path / "rank2", "--markdown").output
-    assert markdown.startswith("| artifact | steps |") and "| rank2 | convert |" in markdown
+    assert markdown.startswith("| artifact | last step |") and "| rank2 | convert (#1) |" in markdown
 
 
 def test_models_lists_names():
