@@ -89,10 +89,12 @@ def models():
 @click.option("--exclude", multiple=True, help="Never convert layers matching this pattern (repeatable).")
 @click.option("--min-channels", type=int, default=4, show_default=True, help="Skip convs with fewer input channels.")
 @click.option("--trace", type=click.Choice(["auto", "fx", "hooks"]), default="auto", show_default=True, help="How layers are found.")
+@click.option("--calibrate", "calibrate_data", metavar="DATA", default=None, help="Then calibrate on this dataset's train split (see `dscompress calibrate`).")
+@click.option("--calib-batches", type=int, default=None, help="Batches of 32 images to calibrate on (default 16).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @model_options
-def convert(model, out, rank, energy, macs_budget, dilation, include, exclude, min_channels, trace, force, as_json, load_source):
+def convert(model, out, rank, energy, macs_budget, dilation, include, exclude, min_channels, trace, calibrate_data, calib_batches, force, as_json, load_source):
     """Replace MODEL's convolutions by fitted depthwise-separable ones and save an artifact."""
     from dscompress.artifact import check_output
     from dscompress.convert import ConvertConfig, convert_artifact
@@ -108,20 +110,81 @@ def convert(model, out, rank, energy, macs_budget, dilation, include, exclude, m
         min_channels=min_channels,
         trace=trace,
     )
+    calibration = None
+    if calibrate_data is None and calib_batches is not None:
+        raise DscompressError("--calib-batches needs --calibrate DATA")
+    if calibrate_data is not None:
+        from dscompress.calibrate import CalibrateConfig
+
+        calibration = CalibrateConfig(data=calibrate_data, batches=16 if calib_batches is None else calib_batches)
     check_output(out, force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        artifact, record = convert_artifact(load_source(model), out, config, force=force)
+        if calibration is None:
+            artifact, record = convert_artifact(load_source(model), out, config, force=force)
+        else:
+            from dscompress.calibrate import convert_calibrate_artifact
+
+            artifact, record, calibration = convert_calibrate_artifact(load_source(model), out, config, calibration, force=force)
     for w in caught:
         if "cannot trace" in str(w.message):
             click.echo(f"warning: {w.message}", err=True)
     if as_json:
-        print_json({**record.to_dict(), "output": artifact.path})
+        extra = {"calibration": calibration.to_dict()} if calibration else {}
+        print_json({**record.to_dict(), **extra, "output": artifact.path})
         return
     console.print(conversion_table(record))
     for line in conversion_totals(record):
         console.print(line)
+    if calibration is not None:
+        print_calibration(calibration)
     console.print(f"saved {artifact.path}")
+
+
+def print_calibration(record) -> None:
+    from dscompress.calibrate import calibration_summary, calibration_table
+
+    console.print(calibration_table(record))
+    for line in calibration_summary(record):
+        console.print(line)
+
+
+@cli.command()
+@click.argument("artifact", metavar="DIR")
+@click.option("--data", required=True, help="Dataset whose train split calibrates: digits, mnist:DIR, cifar10:DIR, ...")
+@click.option("-o", "--output", "out", required=True, help="Artifact folder to write.")
+@click.option("--batches", type=int, default=16, show_default=True, help="Batches of calibration images.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--ridge", type=float, default=1e-3, show_default=True, help="Pull of the refit towards the current weights.")
+@click.option("--no-bn", is_flag=True, help="Keep the BatchNorm statistics as they are.")
+@click.option("--no-refit", is_flag=True, help="Only re-estimate the BatchNorm statistics.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images are drawn.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+def calibrate(artifact, data, out, batches, batch_size, ridge, no_bn, no_refit, seed, device, force, as_json):
+    """Refit a converted artifact to its original on real images, without training.
+
+    Refits each converted layer's pointwise weights by least squares, in forward order, then
+    re-estimates the BatchNorm statistics; prints each layer's output error before and after.
+    """
+    import os
+
+    from dscompress.artifact import resolve
+    from dscompress.calibrate import CalibrateConfig, calibrate_artifact
+
+    config = CalibrateConfig(data=data, batches=batches, batch_size=batch_size, bn=not no_bn, refit=not no_refit, ridge=ridge, seed=seed)
+    if not os.path.isdir(artifact):
+        raise DscompressError(
+            f"{artifact!r} is not an artifact folder; calibration needs a converted artifact, which carries its "
+            f"original: convert first (dscompress convert MODEL -o DIR), or convert with --calibrate {data}"
+        )
+    artifact_out, record = calibrate_artifact(resolve(artifact), out, config, force=force, device=device)
+    if as_json:
+        print_json({**record.to_dict(), "output": artifact_out.path})
+        return
+    print_calibration(record)
+    console.print(f"saved {artifact_out.path}")
 
 
 @cli.command()

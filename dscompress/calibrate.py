@@ -1,0 +1,581 @@
+"""Training-free calibration: bring a converted model back towards its original on real data.
+
+A converted layer is fitted to the original kernel alone (:mod:`dscompress.decompose`). At rank 1
+that fit is poor (one spatial filter per input channel; resnet18's fit errors are about 0.9) and
+the errors of successive layers compound: a resnet18 at 99.7% top-1 on digits falls to 9.7%.
+Calibration corrects the model from a few hundred real images, with no training:
+
+1. **refit**: for each converted layer, in forward order, solve for the pointwise weights (and
+   bias) by least squares so that the layer's output matches the original layer's output. The
+   inputs are what the *converted* model feeds the layer, with every earlier layer already
+   refitted; the targets are the original layer's outputs on the *original* model's inputs.
+   Fitting sequentially like this lets each layer also absorb the error its predecessors left.
+   The depthwise half is kept: with it fixed the problem is linear, so the fit is closed-form
+   (one pass over the images per layer, no learning rate, nothing to tune but a ridge).
+2. **bn**: re-estimate every BatchNorm's running statistics on the same images, for the
+   activations the calibrated model really produces.
+
+**Order.** The refit runs first, then the BatchNorm re-estimation (:data:`ORDER`). Measured with
+``benchmarks/calibrate.py`` (rank-1 resnet18 on digits at 3x32x32, 512 calibration images, top-1
+on the 360 test images; BENCHMARKS.md has the seeds): converted 9.7%, BN only 50.3%, refit only
+99.2%, BN then refit 96.7%, refit then BN 99.2%, BN then refit then BN 95.3% (baseline 99.7%).
+
+- BN first hurts: the refit targets the original's *pre*-BatchNorm outputs, which the original
+  statistics normalise correctly and statistics re-estimated for the unrefitted outputs do not;
+  and every later layer is then refitted on inputs shaped by those wrong statistics.
+- Re-estimating again at the end (BN, refit, BN) is worse still: the sequential refit has
+  compensated, layer by layer, for the statistics in place while it ran, and changing them
+  afterwards undoes that.
+- Refit then BN: the refit runs under the original's statistics, which suit outputs that match
+  the original's, so the final re-estimation only corrects the per-channel drift the low-rank
+  layers still leave. It matched or beat the refit alone in every run we made.
+
+BatchNorm re-estimation assumes the original's running statistics describe the calibration
+images (the original was trained on such data). When they do not (an untrained model, other
+preprocessing) it moves the model away from its original: calibrate with ``bn=False``
+(``--no-bn``) then.
+
+The original model is never modified, and :func:`calibrate` works on a deep copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dscompress.errors import DscompressError
+from dscompress.layers import DepthwiseSeparableConv2d
+
+# The order of the two corrections; see the module docstring for the measurement behind it.
+ORDER = ("refit", "bn")
+
+
+@dataclass
+class CalibrateConfig:
+    """How to calibrate.
+
+    Attributes:
+        data: dataset spec (``digits``, ``mnist:DIR``, ...) whose train split supplies the images;
+            optional when :func:`calibrate` is handed batches directly.
+        batches: number of batches of calibration images.
+        batch_size: images per batch (at least 2 with ``bn``: BatchNorm needs a batch statistic).
+        bn: re-estimate the BatchNorm running statistics.
+        refit: refit every converted layer's pointwise weights (and bias) by least squares.
+        ridge: strength of the pull towards the current pointwise weights, relative to the mean
+            input energy of the layer; keeps directions the data does not constrain as they were
+            (small layers late in a network may see fewer pixels than they have inputs).
+        seed: fixes which images are drawn.
+    """
+
+    data: str | None = None
+    batches: int = 16
+    batch_size: int = 32
+    bn: bool = True
+    refit: bool = True
+    ridge: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.data is not None:
+            from dscompress.data import DataSpec
+
+            self.data = str(DataSpec.parse(self.data))
+        if not (isinstance(self.batches, int) and self.batches >= 1):
+            raise DscompressError(f"batches must be a positive integer, got {self.batches!r}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise DscompressError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if self.bn and self.batch_size < 2:
+            raise DscompressError("re-estimating BatchNorm needs at least 2 images per batch; raise the batch size")
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
+            raise DscompressError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
+        if not (self.bn or self.refit):
+            raise DscompressError("nothing to do: enable the BatchNorm re-estimation, the refit, or both")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CalibrateConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DscompressError(f"unknown calibrate option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclass
+class LayerCalibration:
+    """One converted layer: relative error of its output against the original layer's output.
+
+    ``||y_converted - y_original|| / ||y_original||`` over all calibration images, each model fed
+    its own activations (so the error includes what earlier layers pass on), before and after.
+    """
+
+    name: str
+    error_before: float
+    error_after: float
+    refit: bool
+
+
+@dataclass
+class CalibrationRecord:
+    """What :func:`calibrate` did, measured on the calibration images.
+
+    ``output_error_*`` is the relative error of the model's output (logits) against the
+    original's; ``agreement_*`` the share (percent) of images where both predict the same class.
+    Both are None for models whose output is not a single tensor.
+    """
+
+    config: dict
+    images: int
+    order: list[str]
+    bn_reestimated: bool
+    bn_layers: int
+    layers: list[LayerCalibration]
+    skipped: list[dict] = field(default_factory=list)
+    output_error_before: float | None = None
+    output_error_after: float | None = None
+    agreement_before: float | None = None
+    agreement_after: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CalibrationRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["layers"] = [LayerCalibration(**layer) for layer in d["layers"]]
+        return cls(**d)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def calibration_batches(data, input_size, batches: int = 16, batch_size: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    """Up to ``batches`` seeded, shuffled batches (batch_size, *input_size) from the train split."""
+    from dscompress.data import load_dataset, make_loader
+
+    dataset = load_dataset(data, input_size, split="train")
+    loader = make_loader(dataset, batch_size, shuffle=True, seed=seed)
+    return [images for images, _ in itertools.islice(loader, batches)]
+
+
+def _images(batches, limit: int) -> list[torch.Tensor]:
+    """The first ``limit`` image tensors (N, C, H, W) of a loader or list of batches."""
+    out = []
+    for batch in itertools.islice(batches, limit):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise DscompressError("calibration batches must be image tensors (N, C, H, W) or (images, labels) pairs")
+        out.append(images)
+    if not out:
+        raise DscompressError("no calibration images: the data is empty")
+    return out
+
+
+# --- finding the layers -------------------------------------------------------------------------
+
+
+def converted_layers(model: nn.Module, original: nn.Module) -> tuple[list[str], list[dict]]:
+    """Names of ``model``'s converted layers that have an original to match, and those skipped.
+
+    A converted layer is a :class:`DepthwiseSeparableConv2d`; its original is the ``nn.Conv2d``
+    of the same name in ``original``, with the same channels and stride.
+    """
+    names, skipped = [], []
+    originals = dict(original.named_modules())
+    for name, layer in model.named_modules():
+        if not isinstance(layer, DepthwiseSeparableConv2d):
+            continue
+        conv = originals.get(name)
+        reason = None
+        if not isinstance(conv, nn.Conv2d):
+            reason = "the original has no nn.Conv2d of this name"
+        elif (conv.in_channels, conv.out_channels, conv.stride) != (layer.in_channels, layer.out_channels, layer.stride):
+            reason = (
+                f"shape differs from the original ({conv.in_channels}->{conv.out_channels} vs "
+                f"{layer.in_channels}->{layer.out_channels}, pruned?)"
+            )
+        if reason:
+            skipped.append({"name": name, "reason": reason})
+        else:
+            names.append(name)
+    if not names and not skipped:
+        raise DscompressError(
+            "the model has no converted (depthwise-separable) layers, so there is nothing to calibrate; "
+            "convert it first (dscompress convert MODEL -o DIR)"
+        )
+    if not names:
+        raise DscompressError(f"none of the model's converted layers matches its original: {skipped[0]['name']}: {skipped[0]['reason']}")
+    return names, skipped
+
+
+@torch.no_grad()
+def _forward_order(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
+    """{name: calls per forward} for the named layers, in the order forward first calls them."""
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def count(module, args):
+            calls[name] = calls.get(name, 0) + 1
+
+        return count
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has seen what it needs."""
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, calls: int, what: str) -> list[torch.Tensor]:
+    """Run ``model`` on ``x`` until ``module`` has run ``calls`` times; its inputs or outputs."""
+    seen = []
+
+    def pre(mod, args):
+        seen.append(args[0])
+        if len(seen) == calls:
+            raise _Stop
+
+    def post(mod, args, output):
+        seen.append(output)
+        if len(seen) == calls:
+            raise _Stop
+
+    handle = module.register_forward_pre_hook(pre) if what == "input" else module.register_forward_hook(post)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C) in float64 (on the CPU where the device has no float64)."""
+    if t.device.type == "mps":
+        t = t.cpu()
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
+
+
+# --- the two corrections ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def refit_layer(
+    model: nn.Module, original: nn.Module, name: str, images: list[torch.Tensor], ridge: float = 1e-3, calls: int = 1
+) -> None:
+    """Refit one converted layer's pointwise weights (and bias) in place by ridge least squares.
+
+    With Z (P x D) the depthwise outputs at every pixel of every image, on the converted model's
+    own inputs, and Y (P x C_out) the original layer's outputs on the original model's inputs,
+    the new pointwise weights W (C_out x D; D = in_channels * rank, plus a column for the bias)
+    minimise ``||Z W^T - Y||^2 + lam * ||W - W0||^2`` with W0 the current weights and
+    ``lam = ridge * mean(diag(Z^T Z))``: ``W^T = (Z^T Z + lam I)^-1 (Z^T Y + lam W0^T)``.
+    Only the Gram matrices (D x D, D x C_out) are kept, in float64.
+    """
+    layer = model.get_submodule(name)
+    target = original.get_submodule(name)
+    pointwise = layer.pointwise
+    has_bias = pointwise.bias is not None
+    d = pointwise.in_channels + int(has_bias)
+    device = pointwise.weight.device
+    gram = torch.zeros(d, d, dtype=torch.float64, device="cpu" if device.type == "mps" else device)
+    cross = torch.zeros(d, pointwise.out_channels, dtype=gram.dtype, device=gram.device)
+    for x in images:
+        x = x.to(device)
+        inputs = _capture(model, layer, x, calls, "input")
+        targets = _capture(original, target, x, calls, "output")
+        for layer_input, y in zip(inputs, targets):
+            z = layer.depthwise(layer_input)
+            if z.shape[-2:] != y.shape[-2:]:
+                raise RuntimeError(f"{name}: converted output {tuple(z.shape[-2:])} vs original {tuple(y.shape[-2:])}")
+            z = _rows(z)
+            if has_bias:
+                z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
+            gram += z.T @ z
+            cross += z.T @ _rows(y)
+    current = pointwise.weight.detach().reshape(pointwise.out_channels, -1)
+    if has_bias:
+        current = torch.cat([current, pointwise.bias.detach()[:, None]], dim=1)
+    current = current.T.to(gram)  # (D, C_out)
+    features = pointwise.in_channels
+    lam = ridge * float(gram.diagonal()[:features].mean())
+    a = (gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)).cpu()
+    b = (cross + lam * current).cpu()
+    if lam > 0:
+        solution = torch.linalg.solve(a, b)
+    else:
+        solution = torch.linalg.lstsq(a, b, driver="gelsd").solution
+    solution = solution.T.to(pointwise.weight)  # (C_out, D)
+    pointwise.weight.copy_(solution[:, :features].reshape(pointwise.weight.shape))
+    if has_bias:
+        pointwise.bias.copy_(solution[:, features])
+
+
+def refit(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor], ridge: float = 1e-3, calls: dict | None = None) -> None:
+    """Refit the named layers in place, one after another in the given (forward) order."""
+    for name in names:
+        refit_layer(model, original, name, images, ridge, (calls or {}).get(name, 1))
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, images: list[torch.Tensor]) -> int:
+    """Recompute every BatchNorm's running mean and variance in place; returns how many.
+
+    The statistics become the plain average over the batches (``momentum=None``), as
+    :func:`torch.optim.swa_utils.update_bn` does; every other module stays in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = next(model.parameters()).device
+    momenta = {m: m.momentum for m in norms}
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for x in images:
+            if len(x) > 1:
+                model(x.to(device))
+    finally:
+        for m in norms:
+            m.momentum = momenta[m]
+            m.eval()
+    return len(norms)
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Errors:
+    """Relative errors of a model against its original on some images."""
+
+    layers: dict[str, float]
+    output: float | None
+    agreement: float | None
+
+
+@torch.no_grad()
+def measure(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor]) -> Errors:
+    """Per-layer and output relative errors of ``model`` against ``original`` (both fed the images)."""
+    device = next(model.parameters()).device
+    sums = {n: [0.0, 0.0] for n in names}  # squared error, squared norm of the original's output
+    out_sums = [0.0, 0.0]
+    agree = total = 0
+    outputs = {"model": {}, "original": {}}
+
+    def hook(side, name):
+        def keep(module, args, output):
+            outputs[side].setdefault(name, []).append(output)
+
+        return keep
+
+    handles = [model.get_submodule(n).register_forward_hook(hook("model", n)) for n in names]
+    handles += [original.get_submodule(n).register_forward_hook(hook("original", n)) for n in names]
+    tensor_output = True
+    try:
+        for x in images:
+            outputs["model"].clear()
+            outputs["original"].clear()
+            x = x.to(device)
+            y, y0 = model(x), original(x)
+            for n in names:
+                for a, b in zip(outputs["model"][n], outputs["original"][n]):
+                    sums[n][0] += float((a.double() - b.double()).pow(2).sum())
+                    sums[n][1] += float(b.double().pow(2).sum())
+            if isinstance(y, torch.Tensor) and isinstance(y0, torch.Tensor) and y.shape == y0.shape:
+                out_sums[0] += float((y.double() - y0.double()).pow(2).sum())
+                out_sums[1] += float(y0.double().pow(2).sum())
+                if y.dim() == 2:
+                    agree += int((y.argmax(1) == y0.argmax(1)).sum())
+                    total += len(y)
+            else:
+                tensor_output = False
+    finally:
+        for h in handles:
+            h.remove()
+    layers = {n: math.sqrt(s[0] / s[1]) if s[1] > 0 else 0.0 for n, s in sums.items()}
+    output = math.sqrt(out_sums[0] / out_sums[1]) if tensor_output and out_sums[1] > 0 else None
+    agreement = 100.0 * agree / total if tensor_output and total else None
+    return Errors(layers, output, agreement)
+
+
+# --- the transform ------------------------------------------------------------------------------
+
+
+def calibrate(
+    model: nn.Module,
+    original: nn.Module,
+    batches,
+    config: CalibrateConfig | None = None,
+    device="cpu",
+    order: tuple[str, ...] = ORDER,
+) -> tuple[nn.Module, CalibrationRecord]:
+    """Return a calibrated deep copy of ``model`` and the record of what was done.
+
+    Args:
+        model: a converted model (with :class:`DepthwiseSeparableConv2d` layers).
+        original: the model it was converted from; the target. Not modified.
+        batches: a DataLoader or list of image batches (N, C, H, W), or (images, labels) pairs;
+            the first ``config.batches`` are held in memory (16 x 32 images at 224x224 take
+            about 300 MB).
+        config: what to do; defaults to a BatchNorm re-estimation and a refit.
+        device: where to compute; the returned model lives there.
+        order: the corrections in the order to run them, each ``"refit"`` or ``"bn"`` (one may
+            repeat); those the config disables are left out. For experiments: the default
+            :data:`ORDER` is the one measured best.
+    """
+    config = config or CalibrateConfig()
+    if not set(order) <= {"refit", "bn"}:
+        raise ValueError(f"order may only name 'refit' and 'bn', got {order}")
+    start = time.perf_counter()
+    device = torch.device(device)
+    images = _images(batches, config.batches)
+    model = copy.deepcopy(model).to(device).eval()
+    original = copy.deepcopy(original).to(device).eval()
+    for p in original.parameters():
+        p.requires_grad_(False)
+    names, skipped = converted_layers(model, original)
+    calls = _forward_order(model, names, images[0][:1].to(device))
+    skipped += [{"name": n, "reason": "not called by forward"} for n in names if n not in calls]
+    layers = list(calls)  # in forward order
+
+    before = measure(model, original, layers, images)
+    bn_layers = 0
+    steps = [step for step in order if getattr(config, step)]
+    for step in steps:
+        if step == "refit":
+            refit(model, original, layers, images, config.ridge, calls)
+        else:
+            bn_layers = reestimate_bn(model, images)
+    after = measure(model, original, layers, images)
+
+    def rounded(v):
+        return None if v is None else round(v, 6)
+
+    record = CalibrationRecord(
+        config=config.to_dict(),
+        images=sum(len(x) for x in images),
+        order=steps,
+        bn_reestimated=bn_layers > 0,
+        bn_layers=bn_layers,
+        layers=[LayerCalibration(n, rounded(before.layers[n]), rounded(after.layers[n]), config.refit) for n in layers],
+        skipped=skipped,
+        output_error_before=rounded(before.output),
+        output_error_after=rounded(after.output),
+        agreement_before=rounded(before.agreement),
+        agreement_after=rounded(after.agreement),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    return model, record
+
+
+# --- artifacts ----------------------------------------------------------------------------------
+
+
+def _check_data(config: CalibrateConfig, source) -> list[torch.Tensor]:
+    """The calibration batches for ``source``, after checking they fit its model."""
+    from dscompress.data import check_classes, load_dataset
+
+    if config.data is None:
+        raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
+    dataset = load_dataset(config.data, source.spec.input_size, split="train")
+    check_classes(dataset, source.model, source.spec.input_size, data_name=config.data)
+    return calibration_batches(config.data, source.spec.input_size, config.batches, config.batch_size, config.seed)
+
+
+def calibrate_artifact(source, out: str, config: CalibrateConfig, force: bool = False, device: str = "auto"):
+    """Calibrate a converted artifact against the original it carries and save the result.
+
+    The new artifact has one more step, ``calibrate``. Returns (artifact, record).
+    """
+    from dscompress.artifact import check_output, save_step
+    from dscompress.device import resolve_device
+
+    check_output(out, force)
+    if source.artifact is None or not source.artifact.has_original:
+        raise DscompressError(
+            f"{source.label!r} has no original model to calibrate against (calibration fits a converted model "
+            f"back to the model it came from); convert it first: dscompress convert {source.label} -o DIR "
+            "--calibrate DATA"
+        )
+    images = _check_data(config, source)
+    model, record = calibrate(source.model, source.teacher(), images, config, device=resolve_device(device))
+    artifact = save_step(source, out, model.cpu(), "calibrate", config.to_dict(), record.to_dict(), force=force)
+    return artifact, record
+
+
+def convert_calibrate_artifact(source, out: str, convert_config, config: CalibrateConfig, force: bool = False, device: str = "auto"):
+    """Convert, calibrate against the model that was converted, and save one artifact.
+
+    The artifact records two steps, ``convert`` then ``calibrate``, exactly as running
+    ``dscompress convert`` and then ``dscompress calibrate`` would. Returns
+    (artifact, conversion record, calibration record).
+    """
+    from dscompress.artifact import check_output, save
+    from dscompress.convert import convert
+    from dscompress.device import resolve_device
+
+    check_output(out, force)
+    images = _check_data(config, source)
+    converted, conversion = convert(source.model, source.spec.input_size, convert_config)
+    model, record = calibrate(converted, source.model, images, config, device=resolve_device(device))
+    steps = source.steps + [
+        {"step": "convert", "config": convert_config.to_dict(), "record": conversion.to_dict()},
+        {"step": "calibrate", "config": config.to_dict(), "record": record.to_dict()},
+    ]
+    artifact = save(out, model.cpu(), source.spec, steps, original=source.original(), force=force)
+    return artifact, conversion, record
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def calibration_table(record: CalibrationRecord):
+    """Per-layer rich table: each converted layer's output error before and after."""
+    from rich.table import Table
+
+    title = f"calibrated {len(record.layers)} converted layers on {record.images} images ({' then '.join(record.order)})"
+    table = Table(title=title)
+    for column in ("layer", "error before", "error after", "change"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in record.layers:
+        change = layer.error_after / layer.error_before if layer.error_before else 1.0
+        table.add_row(layer.name, f"{layer.error_before:.4f}", f"{layer.error_after:.4f}", f"{change:.2f}x")
+    return table
+
+
+def calibration_summary(record: CalibrationRecord) -> list[str]:
+    """Lines summarising a calibration record."""
+    lines = []
+    if record.output_error_before is not None:
+        lines.append(f"output error vs the original: {record.output_error_before:.4f} -> {record.output_error_after:.4f}")
+    if record.agreement_before is not None:
+        lines.append(f"same top-1 class as the original: {record.agreement_before:.1f}% -> {record.agreement_after:.1f}% of images")
+    if record.config.get("bn"):
+        lines.append(f"BatchNorm statistics re-estimated in {record.bn_layers} layers" if record.bn_reestimated else "no BatchNorm layers to re-estimate")
+    if record.skipped:
+        lines.append("skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in record.skipped))
+    lines.append(f"took {record.seconds:.1f}s")
+    return lines
