@@ -30,7 +30,7 @@ def test_custom_model_through_the_cli(tmp_path, monkeypatch):
 def test_api_script_runs(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(EXAMPLES), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, "pipeline.py"), "--out", str(tmp_path), "--epochs", "1", "--size", "16"],
+        [sys.executable, os.path.join(EXAMPLES, "pipeline.py"), "--out", str(tmp_path), "--epochs", "1", "--size", "8"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]

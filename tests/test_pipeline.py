@@ -12,7 +12,7 @@ from dscompress.pipeline import run
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
 TINY = [
-    "model.input_size=[3,16,16]",
+    "model.input_size=[3,8,8]",
     "finetune.epochs=1",
     "calibrate.batches=2",
     "validate.data_limit=64",
@@ -22,7 +22,7 @@ TINY = [
 ]
 
 SMALL = """
-model: {name: resnet18, num_classes: 10, input_size: [3, 16, 16]}
+model: {name: resnet18, num_classes: 10, input_size: [3, 8, 8]}
 data: digits
 steps:
   - finetune: {name: baseline, teacher: none, epochs: 1, lr: 0.05}
@@ -110,7 +110,7 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     def stop(epoch, record):
         raise KeyboardInterrupt
 
-    source = resolve("resnet18", num_classes=10, input_size=(3, 16, 16))
+    source = resolve("resnet18", num_classes=10, input_size=(3, 8, 8))
     config = FinetuneConfig(data="digits", teacher="none", epochs=2, lr=0.05)
     with pytest.raises(KeyboardInterrupt):
         finetune_artifact(source, str(tmp_path / "baseline"), config, on_epoch_end=stop)
