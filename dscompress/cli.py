@@ -324,11 +324,14 @@ def finetune(model, data, out, epochs, teacher, alpha, temperature, optimizer, l
 @click.option("--baseline", default=None, help="Artifact the ratios compare against (default: the first).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
-def report(paths, baseline, as_json, markdown):
-    """Compare artifact folders (or folders of them) side by side."""
+@click.option("--plot", "plot_path", default=None, help="Also write accuracy vs MACs and vs latency to this PNG.")
+def report(paths, baseline, as_json, markdown, plot_path):
+    """Compare artifact folders, folders of them, or run folders side by side."""
     from dscompress import report as reporting
 
     rows = reporting.compare(list(paths), baseline=baseline)
+    if plot_path:
+        click.echo(f"plot: {reporting.plot(rows, plot_path)}", err=True)
     if as_json:
         click.echo(reporting.comparison_json(rows))
     elif markdown:
