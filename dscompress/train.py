@@ -759,6 +759,7 @@ def finetune_artifact(source, out: str, config: FinetuneConfig | None = None, fo
     Returns (artifact, record).
     """
     from dscompress.artifact import check_output, save_step
+    from dscompress.models import build_model
 
     config = config or FinetuneConfig()
     check_output(out, force)
@@ -769,6 +770,11 @@ def finetune_artifact(source, out: str, config: FinetuneConfig | None = None, fo
     if not resume and has_checkpoint and not force:
         raise DscompressError(f"{partial} holds an unfinished run of this output; continue it with --resume, or start over with --force")
     teacher, teacher_label = _teacher(source, config)
+    if source.artifact is None:
+        # A plain model starts from its constructor's random init (or loads its weights): build it
+        # again so that the init, too, is a function of the seed and the run can be repeated.
+        torch.manual_seed(config.seed)
+        source = dataclasses.replace(source, model=build_model(source.spec))
     input_size = source.spec.input_size
     train_data = load_dataset(config.data, input_size, split="train")
     test_data = load_dataset(config.data, input_size, split="test")

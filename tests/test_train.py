@@ -160,6 +160,18 @@ def test_baseline_is_its_own_original(baseline):
     assert not os.path.exists(work_folder(baseline))
 
 
+def test_a_baseline_is_repeated_by_its_seed(tmp_path):
+    def train(name, seed):
+        torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # whatever the global state
+        run_ok(MODEL, "--num-classes", "10", "--input-size", "3,8,8", "--data", "digits", "--teacher", "none",
+               "--epochs", "1", "--seed", str(seed), "-o", str(tmp_path / name))
+        return load(str(tmp_path / name)).state_dict()
+
+    first, again, other = train("a", 3), train("b", 3), train("c", 4)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_distillation_recovers_a_converted_model(baseline, converted, workdir):
     out = str(workdir / "distilled")
     record = run_ok(converted, "--data", "digits", "--epochs", "2", "--lr", "0.02", "-o", out)
