@@ -566,8 +566,8 @@ def calibration_table(record: CalibrationRecord):
     for column in ("layer", "error before", "error after", "change"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in record.layers:
-        change = layer.error_after / layer.error_before if layer.error_before else 1.0
-        table.add_row(layer.name, f"{layer.error_before:.4f}", f"{layer.error_after:.4f}", f"{change:.2f}x")
+        change = f"{layer.error_after / layer.error_before - 1:+.1%}" if layer.error_before else "-"
+        table.add_row(layer.name, f"{layer.error_before:.4f}", f"{layer.error_after:.4f}", change)
     return table
 
 
@@ -580,6 +580,12 @@ def calibration_summary(record: CalibrationRecord) -> list[str]:
         lines.append(f"same top-1 class as the original: {record.agreement_before:.1f}% -> {record.agreement_after:.1f}% of images")
     if record.config.get("bn"):
         lines.append(f"BatchNorm statistics re-estimated in {record.bn_layers} layers" if record.bn_reestimated else "no BatchNorm layers to re-estimate")
+    worse = [layer.name for layer in record.layers if layer.error_after > layer.error_before]
+    if worse and record.bn_reestimated:
+        lines.append(
+            f"{len(worse)} layers moved away from the original: if it was not trained on this data, its BatchNorm "
+            "statistics do not describe it; calibrate with --no-bn"
+        )
     if record.skipped:
         lines.append("skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in record.skipped))
     lines.append(f"took {record.seconds:.1f}s")

@@ -272,6 +272,9 @@ def test_cli_calibrate_an_artifact(tmp_path):
         assert layer.error_after < layer.error_before, layer
 
     assert runner.invoke(cli, args).exit_code == 2  # exists
+    result = runner.invoke(cli, [*args[:-1], "--force"])  # with BatchNorm re-estimation
+    assert result.exit_code == 0, result.output
+    assert "moved away from the original" in result.output and "--no-bn" in result.output
     result = runner.invoke(cli, [*args[:-1], "--force", "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
