@@ -30,7 +30,7 @@ from torch import nn
 from dscompress import __version__
 from dscompress.errors import DscompressError
 from dscompress.layers import DepthwiseSeparableConv2d
-from dscompress.metrics import count_macs, count_params, folder_size
+from dscompress.metrics import count_macs, count_params
 from dscompress.models import ModelSpec, build_model, check_state_dict
 
 FORMAT = "dscompress-artifact"

@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from dscompress import decompose
-from dscompress.errors import DscompressError
+from dscompress.errors import DscompressError, does_not_run, first_line
 from dscompress.layers import DepthwiseSeparableConv2d
 from dscompress.metrics import count_macs, count_params
 
@@ -248,16 +248,7 @@ def _trace_failure(model: nn.Module, error: Exception) -> str:
         if not frame.filename.startswith(torch_dir):
             where = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`"
             break
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"cannot trace {type(model).__name__} with torch.fx: {text}{where}"
-
-
-def _run_error(input_size, error: Exception) -> DscompressError:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return DscompressError(
-        f"the model does not run on inputs of size {','.join(map(str, input_size))}: {text[:300]}; "
-        "check --input-size (C,H,W)"
-    )
+    return f"cannot trace {type(model).__name__} with torch.fx: {first_line(error)}{where}"
 
 
 def _discover_fx(graph_module: torch.fx.GraphModule, input_size) -> tuple[dict[str, _ConvCall], list[str]]:
@@ -265,7 +256,7 @@ def _discover_fx(graph_module: torch.fx.GraphModule, input_size) -> tuple[dict[s
         with torch.no_grad():
             ShapeProp(graph_module).propagate(torch.zeros(1, *input_size))
     except Exception as e:  # noqa: BLE001
-        raise _run_error(input_size, e) from None
+        raise does_not_run(input_size, e) from None
     convs: dict[str, _ConvCall] = {}
     functional = []
     for node in graph_module.graph.nodes:
@@ -302,7 +293,7 @@ def _discover_hooks(model: nn.Module, input_size) -> dict[str, _ConvCall]:
         with torch.no_grad():
             model(torch.zeros(1, *input_size))
     except Exception as e:  # noqa: BLE001
-        raise _run_error(input_size, e) from None
+        raise does_not_run(input_size, e) from None
     finally:
         for h in handles:
             h.remove()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dscompress import __version__
-from dscompress.errors import DscompressError
+from dscompress.errors import DscompressError, first_line
 from dscompress.validate import (
     ValidateConfig,
     ValidationRecord,
@@ -377,7 +377,7 @@ def _write_atomic(proto, path: str) -> str | None:
         try:
             onnx.checker.check_model(os.path.join(tmp, name), full_check=True)
         except onnx.checker.ValidationError as e:
-            raise DscompressError(f"the exported graph fails onnx.checker: {str(e).strip().splitlines()[0][:300]}") from None
+            raise DscompressError(f"the exported graph fails onnx.checker: {first_line(e)}") from None
         if external:
             os.replace(os.path.join(tmp, external), os.path.join(directory, external))
         os.replace(os.path.join(tmp, name), path)

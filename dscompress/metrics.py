@@ -1,4 +1,4 @@
-"""Parameters, MACs and size: the cost side of every comparison.
+"""Parameters and MACs: the cost side of every comparison (size on disk is in the manifest).
 
 MACs come from PyTorch's own counter (:class:`torch.utils.flop_counter.FlopCounterMode`), which
 counts convolutions and matrix products (as 2 FLOPs per multiply-accumulate); normalisation,
@@ -6,8 +6,6 @@ activations and pooling are not counted, as in most published MAC figures.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -43,15 +41,3 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int], per_module: b
             continue
         by_module[name[len(root) + 1 :]] = sum(counts.values()) // 2
     return total, by_module
-
-
-def folder_size(path: str, pattern: str = ".safetensors") -> int:
-    """Bytes taken by the files under ``path`` whose names end with ``pattern``."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(
-        os.path.getsize(os.path.join(root, f))
-        for root, _, files in os.walk(path)
-        for f in files
-        if f.endswith(pattern)
-    )

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dscompress.errors import DscompressError
+from dscompress.errors import DscompressError, first_line
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -165,9 +165,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DscompressError(
-            f"cannot read checkpoint {path!r}: {first_line[:200]} (expected a state dict saved with "
+            f"cannot read checkpoint {path!r}: {first_line(e, 200)} (expected a state dict saved with "
             "torch.save(model.state_dict()) or safetensors; whole pickled models are not loaded)"
         ) from None
     for key in ("state_dict", "model_state_dict", "model"):

@@ -31,7 +31,7 @@ import torch_pruning as tp
 from torch import nn
 
 from dscompress.convert import matches
-from dscompress.errors import DscompressError
+from dscompress.errors import DscompressError, does_not_run
 from dscompress.layers import DepthwiseSeparableConv2d
 from dscompress.metrics import count_macs, count_params
 
@@ -457,10 +457,7 @@ def prune(
     try:
         heads = output_layers(model, example)
     except Exception as e:  # noqa: BLE001 - any failure means the input size does not fit
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DscompressError(
-            f"the model does not run on inputs of size {','.join(map(str, input_size))}: {text[:300]}; check --input-size (C,H,W)"
-        ) from None
+        raise does_not_run(input_size, e) from None
     kept = _kept_layers(model, heads, config)
     kept_modules = [model.get_submodule(entry["name"]) for entry in kept]
     params_before = count_params(model)

@@ -42,7 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dscompress.data import DataSpec, check_classes, load_dataset, make_loader, num_classes
 from dscompress.device import resolve_device
-from dscompress.errors import DscompressError
+from dscompress.errors import DscompressError, first_line
 from dscompress.evaluate import accuracy
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -341,8 +341,7 @@ def read_checkpoint(folder: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DscompressError(f"cannot read checkpoint {path}: {first_line[:200]}; start over with --force") from None
+        raise DscompressError(f"cannot read checkpoint {path}: {first_line(e, 200)}; start over with --force") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise DscompressError(f"{path} is not a dscompress fine-tuning checkpoint; start over with --force")
     if state.get("version", 0) > CHECKPOINT_VERSION:
