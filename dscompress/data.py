@@ -89,7 +89,7 @@ class ArrayDataset(Dataset):
     """Images held in memory as uint8 (N, C, h, w), shaped to the input size one at a time."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, input_size, classes: list[str], scale: float = 255.0):
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.images = torch.from_numpy(np.array(images, order="C"))  # a writable copy (IDX arrays are read-only views)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.input_size = tuple(input_size)
         self.classes = classes

@@ -98,7 +98,7 @@ def test_interrupted_run_continues_and_changed_config_reruns_the_rest(tmp_path):
     assert manifest["steps"][-1]["config"]["ratio"] == 0.5
     assert os.path.getmtime(tmp_path / "pruned" / "manifest.json") > first_pruned
 
-    changed = recipe.parse(SMALL, "small.yaml", ["baseline.epochs=1"])
+    changed = recipe.parse(SMALL, "small.yaml", ["baseline.lr=0.04"])
     result = run(changed, str(tmp_path), log=lines.append)
     assert all(s.status == "done" for s in result.steps)  # the first step changed: everything reruns
 
