@@ -98,7 +98,7 @@ def convert(model, out, rank, energy, macs_budget, dilation, include, exclude, m
     """Replace MODEL's convolutions by fitted depthwise-separable ones and save an artifact."""
     from dscompress.artifact import check_output
     from dscompress.convert import ConvertConfig, convert_artifact
-    from dscompress.report import conversion_table, conversion_totals
+    from dscompress.convert import conversion_table, conversion_totals
 
     config = ConvertConfig(
         rank=rank,
@@ -204,8 +204,7 @@ def prune(model, out, ratio, importance, global_pruning, round_to, ignore, force
     Layers that produce the model's output always keep their output channels.
     """
     from dscompress.artifact import check_output
-    from dscompress.prune import PruneConfig, prune_artifact
-    from dscompress.report import human
+    from dscompress.prune import PruneConfig, prune_artifact, prune_summary, prune_table
 
     config = PruneConfig(ratio=ratio, importance=importance, global_pruning=global_pruning, round_to=round_to, ignore=list(ignore))
     check_output(out, force)
@@ -213,38 +212,10 @@ def prune(model, out, ratio, importance, global_pruning, round_to, ignore, force
     if as_json:
         print_json({**record.to_dict(), "output": artifact.path})
         return
-    console.print(_prune_table(record))
-    console.print(
-        f"params: {human(record.params_before)} -> {human(record.params_after)} ({record.params_ratio:.1%} kept); "
-        f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({record.macs_ratio:.1%} kept)"
-    )
-    console.print("outputs kept: " + ", ".join(f"{k['name']} ({k['reason']})" for k in record.kept))
+    console.print(prune_table(record))
+    for line in prune_summary(record):
+        console.print(line)
     console.print(f"saved {artifact.path}")
-
-
-def _prune_table(record):
-    """Per-layer channels of a :class:`~dscompress.prune.PruneRecord` (norm layers follow their conv)."""
-    from rich.table import Table
-
-    from dscompress.report import human
-
-    shown = [layer for layer in record.layers if layer.type not in ("BatchNorm2d", "BatchNorm1d", "LayerNorm")]
-    changed = sum(layer.changed for layer in shown)
-    how = "globally" if record.config["global_pruning"] else "per layer"
-    table = Table(title=f"pruned {changed} of {len(shown)} layers ({record.config['importance']}, ratio {record.config['ratio']} {how})")
-    for title in ("layer", "type", "in", "out", "params", "MACs"):
-        table.add_column(title, justify="left" if title in ("layer", "type") else "right")
-    for layer in shown:
-        kind = layer.type + (f" r{layer.rank}" if layer.rank else "") + (f" g{layer.groups_after}" if layer.groups_after and layer.groups_after > 1 else "")
-        table.add_row(
-            layer.name,
-            kind,
-            f"{layer.in_before} -> {layer.in_after}" if layer.in_after != layer.in_before else str(layer.in_before),
-            f"{layer.out_before} -> {layer.out_after}" if layer.out_after != layer.out_before else str(layer.out_before),
-            f"{human(layer.params_before)} -> {human(layer.params_after)}",
-            f"{human(layer.macs_before)} -> {human(layer.macs_after)}",
-        )
-    return table
 
 
 @cli.command()

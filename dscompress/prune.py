@@ -540,3 +540,42 @@ def prune_artifact(source, out: str, config: PruneConfig | None = None, force: b
         source, out, model, "prune", config.to_dict(), record.to_dict(), metrics={"macs": record.macs_after}, force=force
     )
     return artifact, record
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def prune_table(record: PruneRecord):
+    """Per-layer channels of a :class:`~dscompress.prune.PruneRecord` (norm layers follow their conv)."""
+    from rich.table import Table
+
+    from dscompress.report import human
+
+    shown = [layer for layer in record.layers if layer.type not in ("BatchNorm2d", "BatchNorm1d", "LayerNorm")]
+    changed = sum(layer.changed for layer in shown)
+    how = "globally" if record.config["global_pruning"] else "per layer"
+    table = Table(title=f"pruned {changed} of {len(shown)} layers ({record.config['importance']}, ratio {record.config['ratio']} {how})")
+    for title in ("layer", "type", "in", "out", "params", "MACs"):
+        table.add_column(title, justify="left" if title in ("layer", "type") else "right")
+    for layer in shown:
+        kind = layer.type + (f" r{layer.rank}" if layer.rank else "") + (f" g{layer.groups_after}" if layer.groups_after and layer.groups_after > 1 else "")
+        table.add_row(
+            layer.name,
+            kind,
+            f"{layer.in_before} -> {layer.in_after}" if layer.in_after != layer.in_before else str(layer.in_before),
+            f"{layer.out_before} -> {layer.out_after}" if layer.out_after != layer.out_before else str(layer.out_before),
+            f"{human(layer.params_before)} -> {human(layer.params_after)}",
+            f"{human(layer.macs_before)} -> {human(layer.macs_after)}",
+        )
+    return table
+
+
+def prune_summary(record: PruneRecord) -> list[str]:
+    """Whole-model totals and the layers whose outputs were kept, one line each."""
+    from dscompress.report import human
+
+    return [
+        f"params: {human(record.params_before)} -> {human(record.params_after)} ({record.params_ratio:.1%} kept); "
+        f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({record.macs_ratio:.1%} kept)",
+        "outputs kept: " + ", ".join(f"{k['name']} ({k['reason']})" for k in record.kept),
+    ]

@@ -156,51 +156,6 @@ def comparison_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2, default=str)
 
 
-def conversion_table(record) -> Table:
-    """Per-layer table of a :class:`~dscompress.convert.ConversionRecord`."""
-    table = Table(title=f"converted {len(record.layers)} conv layers (traced with {record.trace})")
-    for title in ("layer", "kernel", "dilation", "rank", "params", "MACs", "fit error"):
-        table.add_column(title, justify="left" if title == "layer" else "right")
-    for layer in record.layers:
-        kernel = "x".join(map(str, layer.kernel_before))
-        if layer.kernel_after != layer.kernel_before:
-            kernel += " -> " + "x".join(map(str, layer.kernel_after))
-        dilation = str(layer.dilation_before[0]) if len(set(layer.dilation_before)) == 1 else str(layer.dilation_before)
-        if layer.dilation_after != layer.dilation_before:
-            dilation += " -> " + (str(layer.dilation_after[0]) if len(set(layer.dilation_after)) == 1 else str(layer.dilation_after))
-        table.add_row(
-            layer.name,
-            kernel,
-            dilation,
-            f"{layer.rank}/{layer.full_rank}",
-            f"{human(layer.params_before)} -> {human(layer.params_after)}",
-            f"{human(layer.macs_before)} -> {human(layer.macs_after)}",
-            f"{layer.fit_error:.4f}",
-        )
-    return table
-
-
-def conversion_totals(record) -> list[str]:
-    """Lines of whole-model totals for a conversion record."""
-    lines = [
-        f"params: {human(record.params_before)} -> {human(record.params_after)} "
-        f"({record.params_before / max(record.params_after, 1):.2f}x fewer)",
-        f"MACs:   {human(record.macs_before)} -> {human(record.macs_after)} "
-        f"({record.macs_before / max(record.macs_after, 1):.2f}x fewer)",
-    ]
-    if record.layers:
-        lines.append(
-            f"converted layers' MACs: {human(record.converted_macs_before)} -> {human(record.converted_macs_after)} "
-            f"({record.converted_macs_before / max(record.converted_macs_after, 1):.2f}x fewer)"
-        )
-    if record.skipped:
-        reasons = {}
-        for s in record.skipped:
-            reasons.setdefault(s["reason"], []).append(s["name"])
-        lines.append("skipped: " + "; ".join(f"{', '.join(n[:3])}{' ...' if len(n) > 3 else ''} ({r})" for r, n in reasons.items()))
-    return lines
-
-
 def plot(rows: list[dict], path: str) -> str:
     """Accuracy against MACs and against latency, one labelled point per artifact, as a PNG.
 
