@@ -133,19 +133,18 @@ def convert(model, out, rank, energy, macs_budget, dilation, include, exclude, m
         extra = {"calibration": calibration.to_dict()} if calibration else {}
         print_json({**record.to_dict(), **extra, "output": artifact.path})
         return
-    console.print(conversion_table(record))
-    for line in conversion_totals(record):
-        console.print(line)
+    print_record(record, conversion_table, conversion_totals)
     if calibration is not None:
-        print_calibration(calibration)
+        from dscompress.calibrate import calibration_summary, calibration_table
+
+        print_record(calibration, calibration_table, calibration_summary)
     console.print(f"saved {artifact.path}")
 
 
-def print_calibration(record) -> None:
-    from dscompress.calibrate import calibration_summary, calibration_table
-
-    console.print(calibration_table(record))
-    for line in calibration_summary(record):
+def print_record(record, table, summary) -> None:
+    """A step's record as its rich table, then its summary lines."""
+    console.print(table(record))
+    for line in summary(record):
         console.print(line)
 
 
@@ -171,7 +170,7 @@ def calibrate(artifact, data, out, batches, batch_size, ridge, no_bn, no_refit, 
     import os
 
     from dscompress.artifact import resolve
-    from dscompress.calibrate import CalibrateConfig, calibrate_artifact
+    from dscompress.calibrate import CalibrateConfig, calibrate_artifact, calibration_summary, calibration_table
 
     config = CalibrateConfig(data=data, batches=batches, batch_size=batch_size, bn=not no_bn, refit=not no_refit, ridge=ridge, seed=seed)
     if not os.path.isdir(artifact):
@@ -183,7 +182,7 @@ def calibrate(artifact, data, out, batches, batch_size, ridge, no_bn, no_refit, 
     if as_json:
         print_json({**record.to_dict(), "output": artifact_out.path})
         return
-    print_calibration(record)
+    print_record(record, calibration_table, calibration_summary)
     console.print(f"saved {artifact_out.path}")
 
 
@@ -212,9 +211,7 @@ def prune(model, out, ratio, importance, global_pruning, round_to, ignore, force
     if as_json:
         print_json({**record.to_dict(), "output": artifact.path})
         return
-    console.print(prune_table(record))
-    for line in prune_summary(record):
-        console.print(line)
+    print_record(record, prune_table, prune_summary)
     console.print(f"saved {artifact.path}")
 
 
@@ -284,9 +281,7 @@ def finetune(model, data, out, epochs, teacher, alpha, temperature, optimizer, l
     if as_json:
         print_json({**record.to_dict(), "output": artifact.path})
         return
-    console.print(finetune_table(record))
-    for line in finetune_summary(record):
-        console.print(line)
+    print_record(record, finetune_table, finetune_summary)
     console.print(f"saved {artifact.path}")
 
 

@@ -23,7 +23,7 @@ import importlib
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
@@ -42,7 +42,6 @@ STEP_CONFIGS = {
     "evaluate": (None, None),
 }
 STEP_EXTRAS = {
-    "finetune": {"teacher": str},
     "evaluate": {"data": str, "batch_size": int},
 }
 # Options every step takes: a name for its output folder.
@@ -72,7 +71,6 @@ class Recipe:
     data: str | None = None
     name: str = ""
     description: str = ""
-    lines: dict = field(default_factory=dict, repr=False)
 
 
 def config_class(kind: str):
@@ -223,7 +221,7 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
             _check_config(step, data.get("data"), path, problems)
     if problems:
         raise DscompressError(("\n".join(problems)) if len(problems) > 1 else problems[0])
-    return Recipe(path, model, steps, data.get("data"), data.get("name", ""), data.get("description", ""), lines)
+    return Recipe(path, model, steps, data.get("data"), data.get("name", ""), data.get("description", ""))
 
 
 def step_config(step: Step, default_data: str | None):
