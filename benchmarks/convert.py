@@ -18,7 +18,7 @@ import torch
 
 from dscompress.convert import ConvertConfig, convert
 from dscompress.models import ModelSpec, build_model
-from dscompress.report import human
+from dscompress._util import human
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "regnet_x_400mf", "densenet121", "googlenet", "convnext_tiny"]
 

@@ -33,12 +33,6 @@ import time
 from dscompress.artifact import Artifact
 
 
-def has_command(name: str) -> bool:
-    from dscompress.cli import cli
-
-    return name in cli.commands
-
-
 def dscompress(args: list[str], threads: int | None) -> float:
     """Run one dscompress command in its own process; returns the wall time in seconds."""
     env = dict(os.environ)
@@ -76,21 +70,17 @@ def main() -> None:
                       "--teacher", "none", "--epochs", str(args.epochs), "-o", path["baseline"]]),
         ("converted", ["convert", path["baseline"], "--rank", "1", "-o", path["converted"]]),
     ]
-    start = "converted"
-    if has_command("calibrate"):
-        stages.append(("calibrated", ["calibrate", path["converted"], *data, "-o", path["calibrated"]]))
-        start = "calibrated"
-    stages.append(("distilled", ["finetune", path[start], *kd, "-o", path["distilled"]]))
-    if has_command("prune"):
-        stages.append(("pruned", ["prune", path["distilled"], "--ratio", str(args.ratio), "-o", path["pruned"]]))
-        stages.append(("pruned-distilled", ["finetune", path["pruned"], *kd, "-o", path["pruned-distilled"]]))
+    stages.append(("calibrated", ["calibrate", path["converted"], *data, "-o", path["calibrated"]]))
+    stages.append(("distilled", ["finetune", path["calibrated"], *kd, "-o", path["distilled"]]))
+    stages.append(("pruned", ["prune", path["distilled"], "--ratio", str(args.ratio), "-o", path["pruned"]]))
+    stages.append(("pruned-distilled", ["finetune", path["pruned"], *kd, "-o", path["pruned-distilled"]]))
 
     timings_path = os.path.join(args.out, "timings.json")
     timings = {}
     if os.path.isfile(timings_path):
         with open(timings_path) as f:
             timings = json.load(f)
-    if args.uncalibrated and start == "calibrated":
+    if args.uncalibrated:
         stages.append(("distilled-uncalibrated", ["finetune", path["converted"], *kd, "-o", path["distilled-uncalibrated"]]))
 
     rows = []

@@ -29,7 +29,7 @@ from dscompress.bench import BenchConfig, BenchTarget, bench, machine
 from dscompress.convert import ConvertConfig, convert
 from dscompress.export import ExportConfig, export_onnx
 from dscompress.metrics import count_macs, count_params
-from dscompress.report import human
+from dscompress._util import human
 
 
 def models(input_size, prune_ratio: float) -> list[tuple[str, torch.nn.Module]]:

@@ -3,7 +3,8 @@
 Layout::
 
     OUT/
-      manifest.json         format version, model spec, steps (config + record), structure, metrics
+      manifest.json         format version, model spec, preprocessing, steps (config + record),
+                            structure, metrics
       model.safetensors     the model's state dict
       original.safetensors  the uncompressed model it came from (the fine-tuning teacher), if any
 
@@ -11,6 +12,9 @@ Layout::
 swapped layers with their constructor arguments, and resized layers (after pruning) with their
 new attributes. Loading builds the spec's model, applies the structure, resizes tensors to the
 stored shapes and loads the weights, so the outputs are bitwise those of the saved model.
+
+Each step entry is ``{"step": name, "version": config version, "config": ..., "record": ...}``.
+Format 1 (dscompress 0.1) had no ``version`` in step entries and no ``preprocess``; it reads as is.
 """
 
 from __future__ import annotations
@@ -19,22 +23,25 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dscompress import __version__
+from dscompress._util import atomic_path, default_permissions, write_json
+from dscompress.config import Record, StepConfig
+from dscompress.data import Preprocess
 from dscompress.errors import DscompressError
 from dscompress.layers import DepthwiseSeparableConv2d
 from dscompress.metrics import count_macs, count_params
-from dscompress.models import ModelSpec, build_model, check_state_dict
+from dscompress.models import ModelSpec, build_model, check_state_dict, read_state_dict, with_metadata
 
 FORMAT = "dscompress-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 ORIGINAL = "original.safetensors"
@@ -42,10 +49,17 @@ ORIGINAL = "original.safetensors"
 # Module attributes that structural changes (pruning) edit; recorded when they differ.
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape")
 LAYER_TYPES = {"DepthwiseSeparableConv2d": DepthwiseSeparableConv2d}
+# The manifest's keys and the JSON type each must have.
+MANIFEST_SCHEMA = {"format": str, "format_version": int, "model": dict, "steps": list, "structure": dict, "files": dict, "metrics": dict}
 
 
 def is_artifact(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def step_entry(config: StepConfig, record: Record) -> dict:
+    """The manifest's entry for one step."""
+    return {"step": config.STEP, "version": config.VERSION, "config": config.to_dict(), "record": record.to_dict()}
 
 
 # --- structure ---------------------------------------------------------------------------------
@@ -92,8 +106,7 @@ def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Te
             cls = LAYER_TYPES.get(entry["type"])
             if cls is None:
                 raise DscompressError(f"artifact names an unknown layer type {entry['type']!r}; upgrade dscompress")
-            args = dict(entry["args"])
-            args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+            args = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["args"].items()}
             _set_module(model, name, cls(**args))
         else:
             module = model.get_submodule(name)
@@ -117,14 +130,6 @@ def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Te
     return model
 
 
-def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict:
-    """``state`` with the model's own state-dict metadata (module versions), which safetensors
-    does not store and some modules (MNASNet) need in order to load."""
-    state = OrderedDict(state)
-    state._metadata = getattr(model.state_dict(), "_metadata", None)
-    return state
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -137,25 +142,17 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def check_output(path: str, force: bool) -> None:
-    """Refuse to overwrite an existing output unless asked to."""
+    """Refuse to overwrite an existing output unless asked to, and outputs that cannot be made."""
     if os.path.exists(path) and not force:
         raise DscompressError(f"{path!r} already exists; choose another output or pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise DscompressError(f"cannot write {path!r}: {parent!r} is a file, not a folder")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise DscompressError(f"cannot write {path!r}: {parent!r} is not writable; choose another output")
 
 
 def save(
@@ -172,7 +169,7 @@ def save(
     Args:
         model: the model to store; its structure is recorded against a fresh build of ``spec``.
         spec: how to build the base architecture again.
-        steps: every step so far, oldest first, each ``{"step": name, "config": ..., "record": ...}``.
+        steps: every step so far, oldest first (:func:`step_entry`).
         original: (structure, state dict) of the uncompressed model that the steps started from.
         metrics: extra measured values (accuracy, latency, ...); params, MACs and size are added.
     """
@@ -184,46 +181,59 @@ def save(
         "dscompress_version": __version__,
         "torch_version": torch.__version__,
         "model": spec.to_dict(),
+        "preprocess": Preprocess.for_input(spec.input_size).to_dict(),
         "steps": steps,
         "structure": structure_of(model, base),
         "files": {"model": WEIGHTS},
         "metrics": {},
     }
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-")
-    try:
-        from safetensors.torch import save_file
-
-        save_file(_tensors(model), os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
-        if original is not None:
-            original_structure, original_state = original
-            save_file({k: v.contiguous() for k, v in original_state.items()}, os.path.join(tmp, ORIGINAL))
-            manifest["files"]["original"] = ORIGINAL
-            manifest["original"] = {"structure": original_structure}
+    with atomic_path(path, directory=True) as tmp:
+        try:
+            save_file(_tensors(model), os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+            if original is not None:
+                original_structure, original_state = original
+                save_file({k: v.contiguous() for k, v in original_state.items()}, os.path.join(tmp, ORIGINAL))
+                manifest["files"]["original"] = ORIGINAL
+                manifest["original"] = {"structure": original_structure}
+        except SafetensorError as e:
+            if "No space left" in str(e):
+                raise DscompressError(f"no space left on the device while writing {path!r}; nothing was replaced; free some space and run again") from None
+            raise
         metrics = dict(metrics or {})
         if "macs" not in metrics:
             metrics["macs"] = count_macs(model, spec.input_size)
-        manifest["metrics"] = {
-            "params": count_params(model),
-            "size_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
-            **metrics,
-        }
-        write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
-        if os.path.exists(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest["metrics"] = {"params": count_params(model), "size_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)), **metrics}
+        write_json(os.path.join(tmp, MANIFEST), manifest)
+        for name in os.listdir(tmp):  # safetensors writes its files 0600 whatever the umask
+            default_permissions(os.path.join(tmp, name))
     return Artifact.open(path)
 
 
 # --- reading -----------------------------------------------------------------------------------
+
+
+def _check_manifest(manifest, manifest_path: str, path: str) -> None:
+    """Raise one line for a manifest that is not what this dscompress writes and reads."""
+    damaged = "; the artifact is damaged, convert again"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DscompressError(f"{manifest_path} is not a dscompress manifest")
+    for key, kind in MANIFEST_SCHEMA.items():
+        if key not in manifest:
+            raise DscompressError(f"{manifest_path} lacks {key!r}{damaged}")
+        if not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
+            raise DscompressError(f"{manifest_path}: {key!r} should be {kind.__name__}, not {type(manifest[key]).__name__}{damaged}")
+    version = manifest["format_version"]
+    if version > FORMAT_VERSION:
+        raise DscompressError(f"{path!r} has artifact format {version}, newer than this dscompress reads ({FORMAT_VERSION}); upgrade dscompress")
+    if version not in READS_VERSIONS:
+        raise DscompressError(f"{path!r} has artifact format {version}, which this dscompress does not read; convert the model again")
+    if not isinstance(manifest["model"].get("name"), str):
+        raise DscompressError(f"{manifest_path}: the model spec has no name{damaged}")
+    if not isinstance(manifest["files"].get("model"), str):
+        raise DscompressError(f"{manifest_path}: files.model should name the weights file{damaged}")
+    for i, step in enumerate(manifest["steps"]):
+        if not (isinstance(step, dict) and isinstance(step.get("step"), str) and isinstance(step.get("config", {}), dict)):
+            raise DscompressError(f"{manifest_path}: steps[{i}] is not a step entry{damaged}")
 
 
 @dataclass
@@ -237,7 +247,8 @@ class Artifact:
     def open(cls, path: str) -> Artifact:
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.isdir(path):
-            raise DscompressError(f"{path!r} is not an artifact folder (no such directory)")
+            kind = "a file" if os.path.exists(path) else "no such folder"
+            raise DscompressError(f"{path!r} is not an artifact folder ({kind})")
         if not os.path.isfile(manifest_path):
             raise DscompressError(f"{path!r} is not a dscompress artifact: it has no {MANIFEST}")
         try:
@@ -245,21 +256,15 @@ class Artifact:
                 manifest = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise DscompressError(f"cannot read {manifest_path}: {e}; the artifact is damaged, convert again") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise DscompressError(f"{manifest_path} is not a dscompress manifest")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise DscompressError(
-                f"{path!r} has artifact format {manifest['format_version']}, newer than this dscompress "
-                f"reads ({FORMAT_VERSION}); upgrade dscompress"
-            )
-        for key in ("model", "steps", "structure", "files", "metrics"):
-            if key not in manifest:
-                raise DscompressError(f"{manifest_path} lacks {key!r}; the artifact is damaged, convert again")
+        _check_manifest(manifest, manifest_path, path)
         return cls(path, manifest)
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_dict(self.manifest["model"])
+        try:
+            return ModelSpec.from_dict(self.manifest["model"])
+        except (TypeError, ValueError) as e:
+            raise DscompressError(f"{os.path.join(self.path, MANIFEST)}: bad model spec ({e}); the artifact is damaged, convert again") from None
 
     @property
     def steps(self) -> list[dict]:
@@ -277,13 +282,25 @@ class Artifact:
         with open(os.path.join(self.path, MANIFEST), "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
 
-    def _rebuild(self, structure: dict, file: str) -> nn.Module:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        weights = os.path.join(self.path, file)
+    def file(self, key: str) -> str:
+        """The path of a weights file (``model`` or ``original``), after checking it is readable."""
+        weights = os.path.join(self.path, self.manifest["files"][key])
         if not os.path.isfile(weights):
-            raise DscompressError(f"{self.path!r} lacks {file}; the artifact is incomplete, convert again")
+            raise DscompressError(f"{self.path!r} lacks {self.manifest['files'][key]}; the artifact is incomplete, convert again")
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DscompressError(f"cannot read {weights}: {e}; the artifact is damaged, convert again") from None
+        return weights
+
+    def check_files(self) -> None:
+        """Raise now, before any work, for a missing or damaged weights file."""
+        for key in self.manifest["files"]:
+            self.file(key)
+
+    def _rebuild(self, structure: dict, key: str) -> nn.Module:
+        weights = self.file(key)
         try:
             state = load_file(weights)
         except (SafetensorError, OSError, ValueError) as e:
@@ -296,18 +313,22 @@ class Artifact:
 
     def model(self) -> nn.Module:
         """The stored model, in eval mode."""
-        return self._rebuild(self.manifest["structure"], self.manifest["files"]["model"])
+        return self._rebuild(self.manifest["structure"], "model")
 
     def original_model(self) -> nn.Module | None:
         """The uncompressed model the steps started from, or None if this artifact is one."""
         if not self.has_original:
             return None
-        return self._rebuild(self.manifest["original"]["structure"], self.manifest["files"]["original"])
+        return self._rebuild(self.manifest["original"]["structure"], "original")
+
+    def original_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(structure, weights) of the uncompressed original."""
+        return self.manifest["original"]["structure"], load_file(self.file("original"))
 
     def update_metrics(self, **values) -> None:
         """Merge measured values into the manifest's metrics (atomically)."""
         self.manifest["metrics"].update(values)
-        write_json_atomic(os.path.join(self.path, MANIFEST), self.manifest)
+        write_json(os.path.join(self.path, MANIFEST), self.manifest)
 
 
 def load(path: str) -> nn.Module:
@@ -326,41 +347,44 @@ class Source:
         model: the model, in eval mode.
         spec: the spec of its base architecture.
         artifact: the artifact it was read from, if any.
+        pending: step entries applied in memory since the artifact (or the named model) was read.
+        start: the model as read, before the pending steps (its teacher when it has no original).
     """
 
     model: nn.Module
     spec: ModelSpec
     artifact: Artifact | None = None
+    pending: list[dict] = field(default_factory=list)
+    start: nn.Module | None = None
 
     @property
     def steps(self) -> list[dict]:
-        return list(self.artifact.steps) if self.artifact else []
+        return (list(self.artifact.steps) if self.artifact else []) + list(self.pending)
 
     @property
     def label(self) -> str:
         return self.artifact.path if self.artifact else self.spec.name
 
+    def then(self, model: nn.Module, entry: dict) -> Source:
+        """The source after one more step, done in memory: ``model``, with ``entry`` pending."""
+        return Source(model, self.spec, self.artifact, self.pending + [entry], self.start if self.pending else self.model)
+
     def original(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(structure, weights) of the uncompressed model to keep as the teacher.
 
-        An artifact's own original if it has one; otherwise this model itself is the original.
+        An artifact's own original if it has one; otherwise the model as it was read.
         """
         if self.artifact is not None and self.artifact.has_original:
-            from safetensors.torch import load_file
-
-            return (
-                self.artifact.manifest["original"]["structure"],
-                load_file(os.path.join(self.artifact.path, self.artifact.manifest["files"]["original"])),
-            )
-        base = build_model(self.spec, load_weights=False)
-        return structure_of(self.model, base), _tensors(self.model)
+            return self.artifact.original_state()
+        model = self.start if self.pending else self.model
+        return structure_of(model, build_model(self.spec, load_weights=False)), _tensors(model)
 
     def teacher(self) -> nn.Module:
         """A separate, frozen copy of the uncompressed model."""
         if self.artifact is not None and self.artifact.has_original:
             model = self.artifact.original_model()
         else:
-            model = copy.deepcopy(self.model)
+            model = copy.deepcopy(self.start if self.pending else self.model)
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval()
@@ -375,10 +399,11 @@ def resolve(
 ) -> Source:
     """Turn a MODEL argument (a name, ``package.module:factory`` or artifact folder) into a model.
 
-    For an artifact folder the manifest supplies the options; giving a conflicting
-    ``num_classes`` or ``input_size`` is an error, and ``checkpoint`` loads weights over it.
+    For an artifact folder the manifest supplies the options; a conflicting ``num_classes`` or
+    ``input_size`` is an error, and ``checkpoint`` loads weights over it. Its weights files are
+    checked before anything else is done with it.
     """
-    if is_artifact(model) or os.path.isdir(model):
+    if os.path.isdir(model):
         artifact = Artifact.open(model)
         spec = artifact.spec
         if num_classes is not None and spec.num_classes not in (None, num_classes):
@@ -386,15 +411,19 @@ def resolve(
         if weights:
             raise DscompressError(f"{model!r} is an artifact with its own weights; drop --weights")
         if input_size is not None and tuple(input_size) != tuple(spec.input_size):
-            spec.input_size = tuple(input_size)
+            made = ",".join(map(str, spec.input_size))
+            raise DscompressError(f"{model!r} was made for inputs of {made}; drop --input-size (or convert the model again at that size)")
+        artifact.check_files()
         net = artifact.model()
         if checkpoint:
-            from dscompress.models import read_state_dict
-
             state = read_state_dict(checkpoint)
             check_state_dict(net, state, source=checkpoint)
             net.load_state_dict(state)
         return Source(net, spec, artifact)
+    if os.sep in model and not os.path.exists(model):
+        raise DscompressError(f"{model!r} is not an artifact folder (no such folder)")
+    if os.path.isfile(model):
+        raise DscompressError(f"{model!r} is a file, not a model name or an artifact folder (state dicts go with --checkpoint FILE)")
     spec = ModelSpec(
         name=model,
         num_classes=num_classes,
@@ -405,21 +434,11 @@ def resolve(
     return Source(build_model(spec), spec)
 
 
-def save_step(
-    source: Source,
-    out: str,
-    model: nn.Module,
-    step: str,
-    config: dict,
-    record: dict,
-    metrics: dict | None = None,
-    force: bool = False,
-) -> Artifact:
-    """Save ``model`` as the result of one more step applied to ``source``.
+def save_step(source: Source, out: str, model: nn.Module, entries: list[dict], metrics: dict | None = None, force: bool = False) -> Artifact:
+    """Save ``model`` as the result of the steps ``entries`` (:func:`step_entry`) applied to ``source``.
 
-    The new artifact carries the source's steps plus this one, and the uncompressed original
+    The new artifact carries the source's steps plus these, and the uncompressed original
     (the teacher for fine-tuning): the source's own original, or the source itself.
     """
     check_output(out, force)
-    steps = source.steps + [{"step": step, "config": config, "record": record}]
-    return save(out, model, source.spec, steps, original=source.original(), metrics=metrics, force=force)
+    return save(out, model, source.spec, source.steps + entries, original=source.original(), metrics=metrics, force=force)

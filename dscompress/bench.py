@@ -18,7 +18,6 @@ PyTorch, and both numbers are recorded.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import platform
 import tempfile
@@ -26,80 +25,57 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from dscompress.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.errors import DscompressError
-from dscompress.validate import (
-    SHORT_NAMES,
-    available_providers,
-    onnx_input_shape,
-    open_session,
-    ort_name,
-    parse_batch_sizes,
-    parse_providers,
-    read_onnx,
-)
+from dscompress.export import ExportConfig, export_onnx
+from dscompress.ort import onnx_input_shape, open_session, ort_name, parse_providers, read_onnx, resolve_providers
+from dscompress.validate import check_batch_sizes
+
+BenchStatus = Literal["ok", "unavailable", "skipped"]
 
 # The runtime whose batch-1 p50 an artifact's report shows, first found first.
 HEADLINE_ORDER = ("ort-tensorrt", "ort-cuda", "ort-cpu", "torch-cuda", "torch-cpu")
 
 
 @dataclass
-class BenchConfig:
-    """What to time.
+class BenchConfig(StepConfig):
+    """What to time."""
 
-    Attributes:
-        providers: ONNX Runtime providers (``cpu``, ``cuda``, ``tensorrt``, full names) or
-            ``auto`` for every provider that really runs here; ``none`` (or an empty list) times
-            PyTorch only.
-        batch_sizes: batch sizes to time, each in its own interleaved series.
-        warmup: untimed runs of every runner before timing, at each batch size.
-        iters: timed runs of every runner at each batch size.
-        threads: CPU threads for PyTorch (``torch.set_num_threads``) and ONNX Runtime
-            (intra-op); None keeps PyTorch's current number and gives ONNX Runtime the same.
-        torch: also time the PyTorch model eagerly (on the CPU, and on CUDA when a GPU is usable
-            and CUDA is among the providers).
-        block: timed runs of one runner before the next takes over (see :func:`bench`).
-        exporter: the exporter for models without an ONNX file (see :class:`~dscompress.export.ExportConfig`).
-    """
+    STEP: ClassVar[str] = "bench"
 
-    providers: list[str] = field(default_factory=lambda: ["auto"])
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    warmup: int = 10
-    iters: int = 50
-    threads: int | None = None
-    torch: bool = True
-    block: int = 5
-    exporter: str = "auto"
+    providers: list[str] = option(
+        factory=lambda: ["auto"],
+        help="ONNX Runtime providers: cpu, cuda, tensorrt (or full names), auto for every one that runs here, or none for PyTorch only.",
+    )
+    batch_sizes: list[int] = option(factory=lambda: [1, 32], help="Batch sizes to time, each in its own interleaved series.")
+    warmup: int = option(10, "Untimed runs of every runner before timing, at each batch size.")
+    iters: int = option(50, "Timed runs of every runner at each batch size.")
+    threads: int | None = option(None, "CPU threads for PyTorch and ONNX Runtime (intra-op) [default: PyTorch's current number].")
+    torch: bool = option(True, "Also time the PyTorch model eagerly (on the CPU, and on CUDA when it is among the providers).")
+    block: int = option(5, "Timed runs of one runner before the next takes over.")
+    exporter: Literal["auto", "dynamo", "torchscript"] = option("auto", "The exporter for models without an ONNX file.")
 
-    def __post_init__(self):
-        from dscompress.export import EXPORTERS
-
-        none = not self.providers or (isinstance(self.providers, str) and self.providers.strip().lower() == "none")
-        self.providers = [] if none else parse_providers(self.providers)
-        self.batch_sizes = parse_batch_sizes(self.batch_sizes)
-        if self.warmup < 0:
-            raise DscompressError(f"warmup must be >= 0, got {self.warmup}")
-        if self.iters < 1:
-            raise DscompressError(f"iters must be at least 1, got {self.iters}")
-        if self.block < 1:
-            raise DscompressError(f"block must be at least 1, got {self.block}")
-        if self.threads is not None and self.threads < 1:
-            raise DscompressError(f"threads must be at least 1, got {self.threads}")
-        if self.exporter not in EXPORTERS:
-            raise DscompressError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
+    def check(self):
+        if self.providers in ([], ["none"]) or [p.lower() for p in self.providers] == ["none"]:
+            self.providers = []
+        else:
+            try:
+                self.providers = parse_providers(self.providers)
+            except DscompressError as e:
+                raise ConfigError("providers", str(e)) from None
+        self.batch_sizes = check_batch_sizes("batch_sizes", self.batch_sizes)
+        check_range("warmup", self.warmup, low=0)
+        check_range("iters", self.iters, low=1)
+        check_range("block", self.block, low=1)
+        check_range("threads", self.threads, low=1)
         if not self.providers and not self.torch:
-            raise DscompressError("nothing to time: give providers or keep PyTorch timing on")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BenchConfig:
-        return cls(**d)
+            raise ConfigError(None, "nothing to time: give --providers or keep PyTorch timing on (--torch)")
 
 
 @dataclass
@@ -120,7 +96,7 @@ class BenchTarget:
 
 
 @dataclass
-class BenchRecord:
+class BenchRecord(Record):
     """Timings of one target on one runtime at one batch size (milliseconds per batch).
 
     ``status`` is ``ok``, ``unavailable`` (the runtime was asked for and cannot run here) or
@@ -130,7 +106,7 @@ class BenchRecord:
     target: str
     runtime: str
     batch_size: int
-    status: str = "ok"
+    status: BenchStatus = "ok"
     reason: str = ""
     p50_ms: float | None = None
     p90_ms: float | None = None
@@ -142,8 +118,13 @@ class BenchRecord:
     torch_threads: int | None = None
     ort_threads: int | None = None
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass
+class BenchResults(Record):
+    """Every timing of a ``bench`` run, and where it was taken."""
+
+    machine: str
+    results: list[BenchRecord]
 
 
 def machine() -> str:
@@ -270,8 +251,6 @@ def _time_interleaved(runners: list[_Runner], warmup: int, iters: int, block: in
 
 def _export_missing(targets: list[BenchTarget], folder: str, exporter: str) -> dict[str, str]:
     """Export every target that has a model but no ONNX file; returns label -> path."""
-    from dscompress.export import ExportConfig, export_onnx
-
     paths = {}
     for i, target in enumerate(targets):
         if target.onnx_path:
@@ -290,8 +269,6 @@ def bench(targets: list[BenchTarget], config: BenchConfig | None = None) -> list
 
     Returns one :class:`BenchRecord` per (batch size, target, runtime), including runtimes
     that could not run (status ``unavailable``/``skipped``). Models are put in eval mode.
-    Targets from artifacts get the results in their metrics (``latency``), with the machine and
-    the targets timed alongside.
     """
     config = config or BenchConfig()
     if not targets:
@@ -301,10 +278,7 @@ def bench(targets: list[BenchTarget], config: BenchConfig | None = None) -> list
             raise DscompressError(f"{target.label} is an ONNX file: it needs an ONNX Runtime provider; drop --providers none")
     saved_threads = torch.get_num_threads()
     threads = config.threads or saved_threads
-    providers = config.providers
-    automatic = providers == ["auto"]
-    if automatic:
-        providers = [SHORT_NAMES[p] for p in available_providers() if p in SHORT_NAMES]
+    providers, automatic = resolve_providers(config.providers)
     cuda_torch = config.torch and torch.cuda.is_available() and "cuda" in providers
     torch.set_num_threads(threads)
     try:
@@ -329,7 +303,6 @@ def bench(targets: list[BenchTarget], config: BenchConfig | None = None) -> list
                 records += _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads)
     finally:
         torch.set_num_threads(saved_threads)
-    _store(targets, records, config, threads)
     return records
 
 
@@ -378,56 +351,3 @@ def headline(results: list[dict]) -> dict | None:
         if mine:
             return {"runtime": runtime, "batch_size": mine[0]["batch_size"], "p50_ms": mine[0]["p50_ms"]}
     return None
-
-
-def _store(targets: list[BenchTarget], records: list[BenchRecord], config: BenchConfig, threads: int) -> None:
-    labels = [t.label for t in targets]
-    for target in targets:
-        if target.artifact is None:
-            continue
-        results = [
-            {k: v for k, v in r.to_dict().items() if k != "target"} for r in records if r.target == target.label
-        ]
-        target.artifact.update_metrics(
-            latency={
-                "machine": machine(),
-                "threads": threads,
-                "warmup": config.warmup,
-                "iters": config.iters,
-                "timed_with": [label for label in labels if label != target.label],
-                "headline": headline(results),
-                "results": results,
-            }
-        )
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-
-def bench_table(records: list[BenchRecord]):
-    """A rich table of the timings; speed-up is the first target's p50 over this one's (same runtime, batch)."""
-    from rich.table import Table
-
-    first: dict[tuple[str, int], float] = {}
-    for r in records:
-        if r.status == "ok":
-            first.setdefault((r.runtime, r.batch_size), r.p50_ms)
-    table = Table(title="latency per batch (ms), throughput, and speed-up of p50 over the first model")
-    for name in ("model", "runtime", "batch", "p50", "p90", "p99", "images/s", "speed-up"):
-        table.add_column(name, justify="left" if name in ("model", "runtime") else "right")
-    for r in sorted(records, key=lambda r: (r.batch_size, r.runtime)):
-        if r.status != "ok":
-            table.add_row(r.target, r.runtime, str(r.batch_size), r.status, "-", "-", "-", r.reason[:80])
-            continue
-        speedup = first[r.runtime, r.batch_size] / r.p50_ms
-        table.add_row(
-            r.target,
-            r.runtime,
-            str(r.batch_size),
-            f"{r.p50_ms:.2f}",
-            f"{r.p90_ms:.2f}",
-            f"{r.p99_ms:.2f}",
-            f"{r.images_per_s:,.1f}",
-            f"{speedup:.2f}x",
-        )
-    return table

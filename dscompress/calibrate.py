@@ -46,15 +46,18 @@ The original model is never modified, and :func:`calibrate` works on a deep copy
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from dscompress._util import model_device, resolve_device
+from dscompress.config import ConfigError, Record, StepConfig, check_range, option
+from dscompress.data import DataSpec, load_dataset, make_loader
 from dscompress.errors import DscompressError
 from dscompress.layers import DepthwiseSeparableConv2d
 
@@ -63,60 +66,38 @@ ORDER = ("refit", "bn")
 
 
 @dataclass
-class CalibrateConfig:
-    """How to calibrate.
+class CalibrateConfig(StepConfig):
+    """How to calibrate."""
 
-    Attributes:
-        data: dataset spec (``digits``, ``mnist:DIR``, ...) whose train split supplies the images;
-            optional when :func:`calibrate` is handed batches directly.
-        batches: number of batches of calibration images.
-        batch_size: images per batch (at least 2 with ``bn``: BatchNorm needs a batch statistic).
-        bn: re-estimate the BatchNorm running statistics.
-        refit: refit every converted layer's pointwise weights (and bias) by least squares.
-        ridge: strength of the pull towards the current pointwise weights, relative to the mean
-            input energy of the layer; keeps directions the data does not constrain as they were
-            (small layers late in a network may see fewer pixels than they have inputs).
-        seed: fixes which images are drawn.
-    """
+    STEP: ClassVar[str] = "calibrate"
 
-    data: str | None = None
-    batches: int = 16
-    batch_size: int = 32
-    bn: bool = True
-    refit: bool = True
-    ridge: float = 1e-3
-    seed: int = 0
+    data: str | None = option(None, "Dataset whose train split supplies the images: digits, mnist:DIR, cifar10:DIR, ...", metavar="SPEC")
+    batches: int = option(16, "Batches of calibration images.")
+    batch_size: int = option(32, "Images per batch (at least 2 with --bn: BatchNorm needs a batch statistic).")
+    bn: bool = option(True, "Re-estimate the BatchNorm running statistics after the refit.")
+    refit: bool = option(True, "Refit every converted layer's pointwise weights (and bias) by least squares.")
+    ridge: float = option(
+        1e-3,
+        "Pull of the refit towards the current weights, relative to the layer's mean input energy; keeps directions "
+        "the data does not constrain as they were.",
+    )
+    seed: int = option(0, "Which images are drawn.")
+    device: str = option("auto", "auto, cpu or cuda.")
 
-    def __post_init__(self):
+    def check(self):
         if self.data is not None:
-            from dscompress.data import DataSpec
-
             self.data = str(DataSpec.parse(self.data))
-        if not (isinstance(self.batches, int) and self.batches >= 1):
-            raise DscompressError(f"batches must be a positive integer, got {self.batches!r}")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise DscompressError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        check_range("batches", self.batches, low=1)
+        check_range("batch_size", self.batch_size, low=1)
         if self.bn and self.batch_size < 2:
-            raise DscompressError("re-estimating BatchNorm needs at least 2 images per batch; raise the batch size")
-        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
-            raise DscompressError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
+            raise ConfigError("batch_size", "must be at least 2 to re-estimate BatchNorm (or pass --no-bn)")
+        check_range("ridge", self.ridge, low=0)
         if not (self.bn or self.refit):
-            raise DscompressError("nothing to do: enable the BatchNorm re-estimation, the refit, or both")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CalibrateConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DscompressError(f"unknown calibrate option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+            raise ConfigError(None, "nothing to do: enable the BatchNorm re-estimation (--bn), the refit (--refit), or both")
 
 
 @dataclass
-class LayerCalibration:
+class LayerCalibration(Record):
     """One converted layer: relative error of its output against the original layer's output.
 
     ``||y_converted - y_original|| / ||y_original||`` over all calibration images, each model fed
@@ -130,7 +111,7 @@ class LayerCalibration:
 
 
 @dataclass
-class CalibrationRecord:
+class CalibrationRecord(Record):
     """What :func:`calibrate` did, measured on the calibration images.
 
     ``output_error_*`` is the relative error of the model's output (logits) against the
@@ -151,24 +132,12 @@ class CalibrationRecord:
     agreement_after: float | None = None
     seconds: float = 0.0
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CalibrationRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["layers"] = [LayerCalibration(**layer) for layer in d["layers"]]
-        return cls(**d)
-
 
 # --- data ---------------------------------------------------------------------------------------
 
 
 def calibration_batches(data, input_size, batches: int = 16, batch_size: int = 32, seed: int = 0) -> list[torch.Tensor]:
     """Up to ``batches`` seeded, shuffled batches (batch_size, *input_size) from the train split."""
-    from dscompress.data import load_dataset, make_loader
-
     dataset = load_dataset(data, input_size, split="train")
     loader = make_loader(dataset, batch_size, shuffle=True, seed=seed)
     return [images for images, _ in itertools.islice(loader, batches)]
@@ -351,7 +320,7 @@ def reestimate_bn(model: nn.Module, images: list[torch.Tensor]) -> int:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    device = next(model.parameters()).device
+    device = model_device(model)
     momenta = {m: m.momentum for m in norms}
     model.eval()
     for m in norms:
@@ -384,7 +353,7 @@ class Errors:
 @torch.no_grad()
 def measure(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor]) -> Errors:
     """Per-layer and output relative errors of ``model`` against ``original`` (both fed the images)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     sums = {n: [0.0, 0.0] for n in names}  # squared error, squared norm of the original's output
     out_sums = [0.0, 0.0]
     agree = total = 0
@@ -434,7 +403,7 @@ def calibrate(
     original: nn.Module,
     batches,
     config: CalibrateConfig | None = None,
-    device="cpu",
+    device=None,
     order: tuple[str, ...] = ORDER,
 ) -> tuple[nn.Module, CalibrationRecord]:
     """Return a calibrated deep copy of ``model`` and the record of what was done.
@@ -446,7 +415,7 @@ def calibrate(
             the first ``config.batches`` are held in memory (16 x 32 images at 224x224 take
             about 300 MB).
         config: what to do; defaults to a BatchNorm re-estimation and a refit.
-        device: where to compute; the returned model lives there.
+        device: where to compute (default: ``config.device``); the returned model lives there.
         order: the corrections in the order to run them, each ``"refit"`` or ``"bn"`` (one may
             repeat); those the config disables are left out. For experiments: the default
             :data:`ORDER` is the one measured best.
@@ -455,7 +424,7 @@ def calibrate(
     if not set(order) <= {"refit", "bn"}:
         raise ValueError(f"order may only name 'refit' and 'bn', got {order}")
     start = time.perf_counter()
-    device = torch.device(device)
+    device = resolve_device(config.device) if device is None else torch.device(device)
     images = _images(batches, config.batches)
     model = copy.deepcopy(model).to(device).eval()
     original = copy.deepcopy(original).to(device).eval()
@@ -494,99 +463,3 @@ def calibrate(
         seconds=round(time.perf_counter() - start, 3),
     )
     return model, record
-
-
-# --- artifacts ----------------------------------------------------------------------------------
-
-
-def _check_data(config: CalibrateConfig, source) -> list[torch.Tensor]:
-    """The calibration batches for ``source``, after checking they fit its model."""
-    from dscompress.data import check_classes, load_dataset
-
-    if config.data is None:
-        raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
-    dataset = load_dataset(config.data, source.spec.input_size, split="train")
-    check_classes(dataset, source.model, source.spec.input_size, data_name=config.data)
-    return calibration_batches(config.data, source.spec.input_size, config.batches, config.batch_size, config.seed)
-
-
-def calibrate_artifact(source, out: str, config: CalibrateConfig, force: bool = False, device: str = "auto"):
-    """Calibrate a converted artifact against the original it carries and save the result.
-
-    The new artifact has one more step, ``calibrate``. Returns (artifact, record).
-    """
-    from dscompress.artifact import check_output, save_step
-    from dscompress.device import resolve_device
-
-    check_output(out, force)
-    if source.artifact is None or not source.artifact.has_original:
-        raise DscompressError(
-            f"{source.label!r} has no original model to calibrate against (calibration fits a converted model "
-            f"back to the model it came from); convert it first: dscompress convert {source.label} -o DIR "
-            "--calibrate DATA"
-        )
-    images = _check_data(config, source)
-    model, record = calibrate(source.model, source.teacher(), images, config, device=resolve_device(device))
-    artifact = save_step(source, out, model.cpu(), "calibrate", config.to_dict(), record.to_dict(), force=force)
-    return artifact, record
-
-
-def convert_calibrate_artifact(source, out: str, convert_config, config: CalibrateConfig, force: bool = False, device: str = "auto"):
-    """Convert, calibrate against the model that was converted, and save one artifact.
-
-    The artifact records two steps, ``convert`` then ``calibrate``, exactly as running
-    ``dscompress convert`` and then ``dscompress calibrate`` would. Returns
-    (artifact, conversion record, calibration record).
-    """
-    from dscompress.artifact import check_output, save
-    from dscompress.convert import convert
-    from dscompress.device import resolve_device
-
-    check_output(out, force)
-    images = _check_data(config, source)
-    converted, conversion = convert(source.model, source.spec.input_size, convert_config)
-    model, record = calibrate(converted, source.model, images, config, device=resolve_device(device))
-    steps = source.steps + [
-        {"step": "convert", "config": convert_config.to_dict(), "record": conversion.to_dict()},
-        {"step": "calibrate", "config": config.to_dict(), "record": record.to_dict()},
-    ]
-    artifact = save(out, model.cpu(), source.spec, steps, original=source.original(), force=force)
-    return artifact, conversion, record
-
-
-# --- rendering ----------------------------------------------------------------------------------
-
-
-def calibration_table(record: CalibrationRecord):
-    """Per-layer rich table: each converted layer's output error before and after."""
-    from rich.table import Table
-
-    title = f"calibrated {len(record.layers)} converted layers on {record.images} images ({' then '.join(record.order)})"
-    table = Table(title=title)
-    for column in ("layer", "error before", "error after", "change"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    for layer in record.layers:
-        change = f"{layer.error_after / layer.error_before - 1:+.1%}" if layer.error_before else "-"
-        table.add_row(layer.name, f"{layer.error_before:.4f}", f"{layer.error_after:.4f}", change)
-    return table
-
-
-def calibration_summary(record: CalibrationRecord) -> list[str]:
-    """Lines summarising a calibration record."""
-    lines = []
-    if record.output_error_before is not None:
-        lines.append(f"output error vs the original: {record.output_error_before:.4f} -> {record.output_error_after:.4f}")
-    if record.agreement_before is not None:
-        lines.append(f"same top-1 class as the original: {record.agreement_before:.1f}% -> {record.agreement_after:.1f}% of images")
-    if record.config.get("bn"):
-        lines.append(f"BatchNorm statistics re-estimated in {record.bn_layers} layers" if record.bn_reestimated else "no BatchNorm layers to re-estimate")
-    worse = [layer.name for layer in record.layers if layer.error_after > layer.error_before]
-    if worse and record.bn_reestimated:
-        lines.append(
-            f"{len(worse)} layers moved away from the original: if it was not trained on this data, its BatchNorm "
-            "statistics do not describe it; calibrate with --no-bn"
-        )
-    if record.skipped:
-        lines.append("skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in record.skipped))
-    lines.append(f"took {record.seconds:.1f}s")
-    return lines

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from dscompress.errors import DscompressError
 
@@ -62,9 +62,53 @@ class DataSpec:
         return self.kind if self.root is None else f"{self.kind}:{self.root}"
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input: what anyone feeding the model (or its ONNX file) must do.
+
+    An image with values in [0, 1] is given ``channels`` (grayscale repeated, RGB averaged to
+    one), resized to ``height`` x ``width`` (bilinear, antialiased), then normalised with ``mean``
+    and ``std`` per channel. Recorded in every artifact's manifest and exported ONNX file.
+    """
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_input(cls, input_size) -> Preprocess:
+        """The preprocessing dscompress's datasets use for inputs of ``input_size`` (C, H, W)."""
+        channels, height, width = (int(v) for v in input_size)
+        if channels == 3:
+            mean, std = MEAN, STD
+        elif channels == 1:
+            mean, std = (sum(MEAN) / 3,), (sum(STD) / 3,)
+        else:
+            mean, std = (0.5,) * channels, (0.25,) * channels
+        return cls(channels, height, width, tuple(mean), tuple(std))
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": [self.channels, self.height, self.width],
+            "value_range": [0.0, 1.0],
+            "resize": "bilinear, antialiased",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "layout": "NCHW float32",
+        }
+
+    def transform(self) -> v2.Compose:
+        """The torchvision ``transforms.v2`` pipeline for float images (N, C, h, w) in [0, 1]
+        that already have ``channels`` channels."""
+        return v2.Compose([v2.Resize((self.height, self.width), antialias=True), v2.Normalize(list(self.mean), list(self.std))])
+
+
 def shape_images(images: torch.Tensor, input_size: tuple[int, int, int]) -> torch.Tensor:
-    """(N, C, h, w) floats in [0, 1] -> (N, *input_size), resized, channel-matched, normalised."""
-    channels, height, width = input_size
+    """(N, C, h, w) floats in [0, 1] -> (N, *input_size), channel-matched, resized, normalised."""
+    preprocess = Preprocess.for_input(input_size)
+    channels = preprocess.channels
     if images.shape[1] != channels:
         if images.shape[1] == 1:
             images = images.expand(-1, channels, -1, -1)
@@ -72,17 +116,7 @@ def shape_images(images: torch.Tensor, input_size: tuple[int, int, int]) -> torc
             images = images.mean(dim=1, keepdim=True)
         else:
             raise DscompressError(f"cannot turn {images.shape[1]}-channel images into {channels} channels")
-    if images.shape[-2:] != (height, width):
-        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    if channels == 3:
-        mean, std = MEAN, STD
-    elif channels == 1:
-        mean, std = (sum(MEAN) / 3,), (sum(STD) / 3,)
-    else:
-        mean, std = (0.5,) * channels, (0.25,) * channels
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
-    return ((images - mean) / std).contiguous()
+    return preprocess.transform()(images).contiguous()
 
 
 class ArrayDataset(Dataset):

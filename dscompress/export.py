@@ -1,111 +1,96 @@
-"""Export to ONNX for GPU runtimes (ONNX Runtime CUDA/TensorRT, TensorRT itself).
+"""Export to ONNX for ONNX Runtime (CPU, CUDA, TensorRT) and TensorRT itself.
 
 ``export_onnx(model, input_size, path, config)`` writes one graph with input ``input``
-(N, C, H, W) and output ``logits`` (N, classes), the batch axis dynamic unless a fixed batch
-is asked for. It uses the ``torch.export``-based exporter (``dynamo=True``) and falls back to
-the TorchScript exporter, with a warning that says why, when ``torch.export`` cannot capture
-the model. The graph is checked with ``onnx.checker`` (full check), scanned for Conv nodes that
-ONNX Runtime rejects (``auto_pad=SAME_*`` with dilation > 1, which the TorchScript exporter
-writes for ``padding="same"`` dilated convolutions: rewritten to explicit pads when the stride
-is 1), stamped with dscompress metadata, written atomically and, unless told not to, validated
-against the PyTorch model on ONNX Runtime (:mod:`dscompress.validate`).
+(N, C, H, W) and output ``logits``, the batch axis dynamic unless a fixed batch is asked for. It
+uses the ``torch.export``-based exporter (``dynamo=True``) and falls back to the TorchScript
+exporter, with a warning that says why, when ``torch.export`` cannot capture the model. The
+graph is checked with ``onnx.checker`` (full check), passed through :mod:`dscompress.onnx_passes`
+(nodes ONNX Runtime refuses), stamped with metadata (dscompress version, exporter, precision,
+the preprocessing the model expects) and validated against the PyTorch model on ONNX Runtime
+(:mod:`dscompress.validate`) before it is put at ``path``. A graph that fails validation, or
+could not be validated on a provider that was asked for, is kept beside it as
+``NAME.failed.onnx`` instead, so ``path`` only ever holds a validated export.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
+import onnx
 import torch
 from torch import nn
 
 from dscompress import __version__
-from dscompress.errors import DscompressError, first_line
-from dscompress.validate import (
-    ValidateConfig,
-    ValidationRecord,
-    captured_output,
-    eval_mode,
-    onnx_input_shape,
-    parse_providers,
-    validate_onnx,
-)
+from dscompress._util import captured_output, default_permissions, eval_mode, flatten_outputs
+from dscompress.config import ConfigError, Record, StepConfig, check_range, option
+from dscompress.data import Preprocess
+from dscompress.errors import DscompressError, DscompressWarning, first_line
+from dscompress.onnx_passes import explicit_same_pads, same_pad_dilation_nodes, stamp
+from dscompress.ort import onnx_input_shape, parse_providers
+from dscompress.validate import ValidateConfig, ValidationRecord, validate_onnx
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-EXPORTERS = ("auto", "dynamo", "torchscript")
 # Batch of the example input for a dynamic batch: torch.export specialises a dimension of size
 # 1 to a constant, so the example must have at least 2 images.
 DYNAMIC_EXAMPLE_BATCH = 2
 # Protobuf cannot serialise more than 2 GiB; above this the weights go to OUT.data beside OUT.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 UNSIMPLIFIED_SUFFIX = ".unsimplified.onnx"
+FAILED_SUFFIX = ".failed.onnx"
+
+ExportStatus = Literal["pass", "fail", "unavailable", "not run"]
 
 
-class ExportWarning(UserWarning):
+class ExportWarning(DscompressWarning):
     """Something the user should know about the exported graph (a fallback, a risky node)."""
 
 
 @dataclass
-class ExportConfig:
-    """How to export.
+class ExportConfig(StepConfig):
+    """How to export."""
 
-    Attributes:
-        opset: ONNX opset of the default domain.
-        batch: ``"dynamic"`` for a batch axis of any size, or a fixed batch size N.
-        fp16: export the model in half precision (weights and activations float16); the graph
-            input and output stay float32 with a Cast at each end, so callers feed the same
-            arrays, and validation uses the fp16 tolerances.
-        simplify: run onnxslim on the graph; the unsimplified graph is kept beside it as
-            ``NAME.unsimplified.onnx`` and both are validated.
-        exporter: ``"auto"`` (torch.export, falling back to TorchScript with a warning),
-            ``"dynamo"`` (fail instead of falling back) or ``"torchscript"``.
-        validate: compare the graph with the PyTorch model on ONNX Runtime after export.
-        providers: execution providers to validate on (see :class:`~dscompress.validate.ValidateConfig`).
-    """
+    STEP: ClassVar[str] = "export"
 
-    opset: int = 18
-    batch: str | int = "dynamic"
-    fp16: bool = False
-    simplify: bool = False
-    exporter: str = "auto"
-    validate: bool = True
-    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    opset: int = option(18, "ONNX opset of the default domain.")
+    batch: int | Literal["dynamic"] = option("dynamic", "dynamic for a batch axis of any size, or a fixed batch size N.")
+    fp16: bool = option(False, "Half-precision weights and activations; the graph's input and output stay float32.")
+    simplify: bool = option(False, "Simplify with onnxslim; the unsimplified graph is kept as NAME.unsimplified.onnx and both are validated.")
+    exporter: Literal["auto", "dynamo", "torchscript"] = option(
+        "auto", "auto: torch.export, falling back to TorchScript with a warning; dynamo: fail instead; torchscript."
+    )
+    validate: bool = option(True, "Compare the graph with the PyTorch model on ONNX Runtime before it is called exported.")
+    providers: list[str] = option(
+        factory=lambda: ["auto"], help="Providers to validate on: cpu, cuda, tensorrt (comma-separated) or auto (every one that runs here)."
+    )
 
-    def __post_init__(self):
-        import onnx
-
+    def check(self):
         highest = onnx.defs.onnx_opset_version()
-        if not (isinstance(self.opset, int) and 13 <= self.opset <= highest):
-            raise DscompressError(f"opset must be an integer from 13 to {highest}, got {self.opset!r}")
-        if isinstance(self.batch, str) and self.batch.strip().isdigit():
-            self.batch = int(self.batch)
-        if self.batch != "dynamic" and not (isinstance(self.batch, int) and not isinstance(self.batch, bool) and self.batch >= 1):
-            raise DscompressError(f"batch must be 'dynamic' or a positive integer, got {self.batch!r}")
-        if self.exporter not in EXPORTERS:
-            raise DscompressError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
-        self.providers = parse_providers(self.providers)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ExportConfig:
-        return cls(**d)
+        check_range("opset", self.opset, 13, highest)
+        if isinstance(self.batch, int):
+            check_range("batch", self.batch, low=1)
+        try:
+            self.providers = parse_providers(self.providers)
+        except DscompressError as e:
+            raise ConfigError("providers", str(e)) from None
 
 
 @dataclass
-class ExportRecord:
+class ExportRecord(Record):
     """What :func:`export_onnx` wrote and how it checked out.
 
     Attributes:
+        path: where the graph is: the requested path, or ``NAME.failed.onnx`` beside it when
+            validation failed or could not run on a provider that was asked for.
+        requested_path: the path that was asked for.
         exporter: ``"dynamo"`` or ``"torchscript"``, the exporter that produced the graph.
         fallback_reason: why torch.export was not used, when the TorchScript exporter was.
         input_shape: the graph input's shape, ``"batch"`` for the dynamic axis.
@@ -114,6 +99,8 @@ class ExportRecord:
         validation: the :class:`~dscompress.validate.ValidationRecord` of the written graph as a
             dict; ``validation_unsimplified`` that of the graph before onnxslim.
     """
+
+    DERIVED: ClassVar[tuple[str, ...]] = ("validation_status",)
 
     path: str
     exporter: str
@@ -126,6 +113,7 @@ class ExportRecord:
     output_names: list[str]
     size_bytes: int
     nodes: int
+    requested_path: str = ""
     external_data: str | None = None
     fallback_reason: str | None = None
     simplified: bool = False
@@ -138,13 +126,18 @@ class ExportRecord:
     validation_unsimplified: dict | None = None
 
     @property
-    def validation_status(self) -> str:
+    def validation_status(self) -> ExportStatus:
         """``pass``, ``fail``, ``unavailable`` (worst of both validations) or ``not run``."""
         statuses = [v["status"] for v in (self.validation_unsimplified, self.validation) if v]
         for status in ("fail", "unavailable", "pass"):
             if status in statuses:
                 return status
         return "not run"
+
+    @property
+    def kept_aside(self) -> bool:
+        """Whether the graph was written beside the requested path (failed or incomplete validation)."""
+        return bool(self.requested_path) and os.path.abspath(self.path) != os.path.abspath(self.requested_path)
 
     def validations(self) -> list[tuple[str, ValidationRecord]]:
         """(label, record) of each validation run: ``unsimplified`` (before onnxslim) and ``final``."""
@@ -154,7 +147,7 @@ class ExportRecord:
     def failure(self) -> str:
         """One line saying what did not validate (empty when all passed or none ran)."""
         parts = []
-        for label, record in self.validations():
+        for _, record in self.validations():
             failure = record.failure()
             if failure and failure not in parts:
                 parts.append(failure)
@@ -174,84 +167,6 @@ class ExportRecord:
         if self.validation:
             summary["validated"] = ValidationRecord.from_dict(self.validation).summary()
         return summary
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["validation_status"] = self.validation_status
-        return d
-
-
-# --- checks on the graph -------------------------------------------------------------------------
-
-
-def _attributes(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _same_pad_dilated(node) -> bool:
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
-        return False
-    attrs = _attributes(node)
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    return auto_pad.startswith("SAME") and any(d > 1 for d in attrs.get("dilations", []))
-
-
-def same_pad_dilation_nodes(graph) -> list[str]:
-    """Names of Conv nodes that combine ``auto_pad=SAME_UPPER/LOWER`` with a dilation > 1.
-
-    ONNX allows them; ONNX Runtime's CPU Conv refuses them at run time ("Dilation not supported
-    for AutoPadType::SAME_UPPER or AutoPadType::SAME_LOWER"). Subgraphs (If/Loop bodies) are
-    searched too.
-    """
-    import onnx
-
-    flagged = []
-    for node in graph.node:
-        if _same_pad_dilated(node):
-            flagged.append(node.name or f"Conv({', '.join(node.input)})")
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                flagged += same_pad_dilation_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    flagged += same_pad_dilation_nodes(g)
-    return flagged
-
-
-def explicit_same_pads(graph) -> list[str]:
-    """Rewrite stride-1 ``auto_pad=SAME_*`` Convs with dilation > 1 to explicit ``pads``.
-
-    With stride 1 the "same" padding does not depend on the input size: each spatial side gets
-    ``dilation * (kernel - 1)`` in total, the odd one extra at the end (SAME_UPPER) or the
-    beginning (SAME_LOWER). Only the top-level graph is rewritten. Returns the names of the
-    rewritten nodes; strided ones are left (and stay flagged by :func:`same_pad_dilation_nodes`).
-    """
-    import onnx
-
-    weights = {t.name: list(t.dims) for t in graph.initializer}
-    fixed = []
-    for node in graph.node:
-        if not _same_pad_dilated(node):
-            continue
-        attrs = _attributes(node)
-        kernel = list(attrs.get("kernel_shape") or weights.get(node.input[1], [])[2:])
-        strides = attrs.get("strides", [1] * len(kernel))
-        if not kernel or any(s != 1 for s in strides):
-            continue
-        dilations = attrs["dilations"]
-        upper = attrs["auto_pad"] in (b"SAME_UPPER", "SAME_UPPER")
-        totals = [d * (k - 1) for d, k in zip(dilations, kernel)]
-        begins = [t // 2 if upper else t - t // 2 for t in totals]
-        ends = [t - b for t, b in zip(totals, begins)]
-        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        node.attribute.append(onnx.helper.make_attribute("pads", begins + ends))
-        fixed.append(node.name)
-    return fixed
 
 
 # --- exporting -----------------------------------------------------------------------------------
@@ -292,10 +207,8 @@ def _one_line(error: BaseException) -> str:
 
 
 def _example_outputs(model: nn.Module, example: torch.Tensor) -> int:
-    from dscompress.validate import _flatten
-
     with torch.no_grad():
-        return len(_flatten(model(example)))
+        return len(flatten_outputs(model(example)))
 
 
 def _run_exporter(module: nn.Module, example: torch.Tensor, path: str, config: ExportConfig, output_names: list[str]) -> tuple[str, str | None]:
@@ -356,42 +269,33 @@ def _initializer_bytes(proto) -> int:
     return sum(len(t.raw_data) or t.ByteSize() for t in proto.graph.initializer)
 
 
-def _write_atomic(proto, path: str) -> str | None:
-    """Write a model (and its external data, when over 2 GB) through a temporary folder and renames.
-
-    Returns the external data file's name, or None when the weights are inside the model file.
-    """
-    import onnx
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+def _write_checked(proto, path: str) -> str | None:
+    """Save the graph at ``path`` (weights over 2 GB in ``NAME.data`` beside it) and run the full
+    ``onnx.checker``. Returns the external data file's name, or None."""
     name = os.path.basename(path)
-    tmp = tempfile.mkdtemp(dir=directory, prefix=f".{name}.tmp-")
+    external = None
     try:
-        external = None
         if _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD:
             external = name + ".data"
-            onnx.save_model(proto, os.path.join(tmp, name), save_as_external_data=True, all_tensors_to_one_file=True, location=external, size_threshold=1024)
+            onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=external, size_threshold=1024)
         else:
-            onnx.save_model(proto, os.path.join(tmp, name))
-        try:
-            onnx.checker.check_model(os.path.join(tmp, name), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise DscompressError(f"the exported graph fails onnx.checker: {first_line(e)}") from None
-        if external:
-            os.replace(os.path.join(tmp, external), os.path.join(directory, external))
-        os.replace(os.path.join(tmp, name), path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            onnx.save_model(proto, path)
+    except OSError as e:
+        raise DscompressError(f"cannot write {path!r}: {e.strerror}; free some space or choose another output") from None
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise DscompressError(f"the exported graph fails onnx.checker: {first_line(e)}") from None
     return external
 
 
-def _stamp(proto, metadata: dict) -> None:
-    import onnx
+def failed_path(path: str) -> str:
+    """``model.onnx`` -> ``model.failed.onnx``: where a graph that did not validate is kept."""
+    return (path[: -len(".onnx")] if path.endswith(".onnx") else path) + FAILED_SUFFIX
 
-    existing = {p.key: p.value for p in proto.metadata_props}
-    existing.update({k: str(v) for k, v in metadata.items()})
-    onnx.helper.set_model_props(proto, existing)
+
+def unsimplified_path(path: str) -> str:
+    return (path[: -len(".onnx")] if path.endswith(".onnx") else path) + UNSIMPLIFIED_SUFFIX
 
 
 def export_onnx(
@@ -407,26 +311,28 @@ def export_onnx(
     Args:
         model: takes image batches (N, C, H, W); exported in eval mode, given back as it was.
         input_size: (C, H, W) of one image.
-        path: the ``.onnx`` file to write; an existing file is replaced only with ``force``.
+        path: the ``.onnx`` file to write; an existing file is replaced only with ``force``, and
+            only by a graph that passed validation (or with ``config.validate=False``).
         config: exporter, opset, batch, precision, simplification and validation choices.
         metadata: extra ``metadata_props`` entries (e.g. the source artifact's manifest hash).
 
     Returns:
-        The :class:`ExportRecord`. Validation failures are recorded there, not raised: the file
-        stays for inspection.
+        The :class:`ExportRecord`. Validation failures are recorded there, not raised: the graph
+        is kept as ``NAME.failed.onnx`` for inspection (``record.path``).
     """
-    import onnx
-
     config = config or ExportConfig()
     input_size = [int(v) for v in input_size]
     if len(input_size) != 3 or min(input_size) < 1:
         raise DscompressError(f"input size must be C,H,W with positive values, got {input_size}")
-    unsimplified = path[: -len(".onnx")] + UNSIMPLIFIED_SUFFIX if path.endswith(".onnx") else path + UNSIMPLIFIED_SUFFIX
-    for target in [path] + ([unsimplified] if config.simplify else []):
-        if os.path.exists(target) and not force:
-            raise DscompressError(f"{target!r} already exists; choose another output or pass --force to replace it")
+    targets = [path] + ([unsimplified_path(path)] if config.simplify else [])
+    for target in targets:
         if os.path.isdir(target):
             raise DscompressError(f"{target!r} is a folder; give a file name such as model.onnx")
+        if os.path.exists(target) and not force:
+            raise DscompressError(f"{target!r} already exists; choose another output or pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise DscompressError(f"cannot write {path!r}: {parent!r} is a file, not a folder")
 
     example_batch = DYNAMIC_EXAMPLE_BATCH if config.batch == "dynamic" else config.batch
     device = next(model.parameters(), torch.empty(0)).device
@@ -457,17 +363,19 @@ def export_onnx(
             stacklevel=2,
         )
     precision = "fp16" if config.fp16 else "fp32"
-    stamp = {
+    stamped = {
         "dscompress.version": __version__,
         "dscompress.exporter": exporter,
         "dscompress.precision": precision,
         "dscompress.input_size": ",".join(map(str, input_size)),
+        "dscompress.preprocess": json.dumps(Preprocess.for_input(input_size).to_dict()),
         "torch.version": torch.__version__,
         **(metadata or {}),
     }
-    _stamp(proto, stamp)
+    stamp(proto, stamped)
     record = ExportRecord(
         path=path,
+        requested_path=path,
         exporter=exporter,
         opset=config.opset,
         batch=config.batch,
@@ -481,27 +389,48 @@ def export_onnx(
         fallback_reason=fallback,
         same_pad_dilation=flagged,
         same_pad_fixed=fixed,
-        metadata=stamp,
+        metadata=stamped,
     )
-    validate = ValidateConfig(providers=config.providers)
+    validate = ValidateConfig(providers=config.providers) if config.validate else None
     if config.simplify:
-        record.external_data = _write_atomic(proto, unsimplified)
-        record.unsimplified_path = unsimplified
+        where, _, record.validation_unsimplified = _write_validated(proto, unsimplified_path(path), model, input_size, validate)
+        record.unsimplified_path = where
         record.nodes_unsimplified = len(proto.graph.node)
-        if config.validate:
-            record.validation_unsimplified = validate_onnx(unsimplified, model, input_size, validate).to_dict()
         proto = _simplify(proto)
-        _stamp(proto, {**stamp, "dscompress.simplified": "onnxslim"})
+        stamp(proto, {**stamped, "dscompress.simplified": "onnxslim"})
         record.simplified = True
         record.nodes = len(proto.graph.node)
         record.metadata = {p.key: p.value for p in proto.metadata_props}
-    record.external_data = _write_atomic(proto, path)
-    record.size_bytes = os.path.getsize(path)
+    record.path, record.external_data, record.validation = _write_validated(proto, path, model, input_size, validate)
+    record.size_bytes = os.path.getsize(record.path)
     if record.external_data:
-        record.size_bytes += os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(path)), record.external_data))
-    if config.validate:
-        record.validation = validate_onnx(path, model, input_size, validate).to_dict()
+        record.size_bytes += os.path.getsize(os.path.join(parent, record.external_data))
     return record
+
+
+def _write_validated(proto, path: str, model: nn.Module, input_size, validate: ValidateConfig | None) -> tuple[str, str | None, dict | None]:
+    """Write the graph, validate it, and put it at ``path`` if it passed (or was not to be
+    validated), else at ``NAME.failed.onnx``. Returns (where, external data file, validation)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        staged = os.path.join(staging, os.path.basename(path))
+        external = _write_checked(proto, staged)
+        validation = validate_onnx(staged, model, input_size, validate).to_dict() if validate else None
+        target = path if validation is None or validation["status"] == "pass" else failed_path(path)
+        if target != path:
+            shutil.rmtree(staging)
+            staging = tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(target)}.tmp-")
+            staged = os.path.join(staging, os.path.basename(target))
+            external = _write_checked(proto, staged)  # so that its weights file is named after it too
+        if external:
+            os.replace(os.path.join(staging, external), os.path.join(directory, external))
+        os.replace(staged, target)
+        default_permissions(target)
+        return target, external, validation
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _simplify(proto):
@@ -513,56 +442,3 @@ def _simplify(proto):
             return onnxslim.slim(proto)
         except Exception as e:  # noqa: BLE001 - onnxslim raises whatever its passes raise
             raise DscompressError(f"onnxslim could not simplify the graph: {_one_line(e)}; export without --simplify") from None
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def export_source(source, path: str, config: ExportConfig | None = None, force: bool = False) -> ExportRecord:
-    """Export a :class:`~dscompress.artifact.Source`; for an artifact, record the result in its metrics.
-
-    The graph's metadata names the artifact by the sha256 of its manifest as it was before this
-    export (recording the export then changes the manifest) and of its weights file, which
-    nothing after conversion rewrites.
-    """
-    from dscompress.artifact import WEIGHTS
-
-    metadata = {"dscompress.model": source.spec.name}
-    artifact = source.artifact
-    if artifact is not None:
-        metadata["dscompress.artifact_manifest_sha256"] = artifact.manifest_sha256()
-        metadata["dscompress.artifact_weights_sha256"] = sha256_file(os.path.join(artifact.path, WEIGHTS))
-    record = export_onnx(source.model, source.spec.input_size, path, config, force=force, metadata=metadata)
-    if artifact is not None:
-        artifact.update_metrics(onnx=record.summary())
-    return record
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-
-def export_lines(record: ExportRecord) -> list[str]:
-    """What was written, one line each, to print above the validation tables."""
-    shape = "x".join(str(v) for v in record.input_shape)
-    lines = [
-        f"wrote {record.path}: {record.size_bytes / 1e6:.2f} MB, {record.nodes} nodes, opset {record.opset}, "
-        f"exporter {record.exporter}, input {shape}, {record.precision}"
-    ]
-    if record.external_data:
-        lines.append(f"weights in {record.external_data} beside it (over 2 GB)")
-    if record.fallback_reason:
-        lines.append(f"torch.export failed ({record.fallback_reason}); used the TorchScript exporter")
-    if record.same_pad_fixed:
-        lines.append(f"rewrote {len(record.same_pad_fixed)} SAME-padded dilated Conv node(s) to explicit pads")
-    if record.same_pad_dilation:
-        lines.append(f"warning: ONNX Runtime will reject {len(record.same_pad_dilation)} SAME-padded dilated Conv node(s): {', '.join(record.same_pad_dilation[:3])}")
-    if record.unsimplified_path:
-        lines.append(f"onnxslim: {record.nodes_unsimplified} -> {record.nodes} nodes; unsimplified graph kept at {record.unsimplified_path}")
-    if record.validation_status == "not run":
-        lines.append("not validated (--no-validate)")
-    return lines

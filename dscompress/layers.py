@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dscompress import decompose
+
 
 class DepthwiseSeparableConv2d(nn.Module):
     """A KxK depthwise convolution followed by a 1x1 pointwise convolution.
@@ -52,6 +54,49 @@ class DepthwiseSeparableConv2d(nn.Module):
             **factory,
         )
         self.pointwise = nn.Conv2d(in_channels * self.rank, out_channels, 1, bias=bias, **factory)
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        rank: int = 1,
+        weight: torch.Tensor | None = None,
+        kernel_size: tuple[int, int] | None = None,
+        dilation: tuple[int, int] | None = None,
+        padding=None,
+    ) -> DepthwiseSeparableConv2d:
+        """The layer that replaces ``conv``, fitted from its kernel (:func:`~dscompress.decompose.factorize`).
+
+        Args:
+            conv: a dense ``nn.Conv2d`` (``groups=1``); not modified.
+            rank: spatial filters per input channel; ``>= min(out, kh*kw)`` is exact.
+            weight: the (out, in, kh', kw') kernel to factorize, when it is not ``conv.weight``
+                (a kernel refitted onto fewer, dilated taps); ``kernel_size``, ``dilation`` and
+                ``padding`` then describe it. Each defaults to the conv's own.
+
+        The result has the conv's device, dtype, stride, padding mode, bias and training mode.
+        """
+        weight = conv.weight.detach() if weight is None else weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            kernel_size or conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding if padding is None else padding,
+            dilation=dilation or conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            rank=rank,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        depthwise, pointwise = decompose.factorize(weight, rank)
+        layer.depthwise.weight.copy_(depthwise)
+        layer.pointwise.weight.copy_(pointwise)
+        if conv.bias is not None:
+            layer.pointwise.bias.copy_(conv.bias)
+        return layer.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))

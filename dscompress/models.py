@@ -13,13 +13,18 @@ import difflib
 import importlib
 import inspect
 import os
+import socket
+import urllib.error
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
 
-from dscompress.errors import DscompressError, first_line
+from dscompress.errors import DscompressError, DscompressWarning, first_line
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -65,17 +70,13 @@ class ModelSpec:
 
 
 def parse_input_size(text: str) -> tuple[int, int, int]:
-    """'3,224,224' or '224' (square RGB) -> (3, 224, 224)."""
+    """'3,224,224' (or '3x224x224') -> (3, 224, 224): channels, height, width, all three."""
     try:
         values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
-        raise DscompressError(f"--input-size must look like 3,224,224, got {text!r}") from None
-    if len(values) == 1:
-        values = [3, values[0], values[0]]
-    if len(values) == 2:
-        values = [3, *values]
+        values = []
     if len(values) != 3 or min(values) < 1:
-        raise DscompressError(f"--input-size must look like 3,224,224, got {text!r}")
+        raise DscompressError(f"--input-size must be C,H,W with positive values, such as 3,224,224; got {text!r}")
     return tuple(values)
 
 
@@ -84,9 +85,18 @@ def list_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+TIMM_PREFIX = "timm:"
+
+
 def build_model(spec: ModelSpec, load_weights: bool = True) -> nn.Module:
-    """Build the model a spec names, in eval mode, with its weights unless ``load_weights=False``."""
-    if ":" in spec.name:
+    """Build the model a spec names, in eval mode, with its weights unless ``load_weights=False``.
+
+    Sources: a torchvision name (``resnet18``), ``timm:NAME`` (when timm is installed: the
+    ``timm`` extra), or a user factory ``package.module:factory``.
+    """
+    if spec.name.startswith(TIMM_PREFIX):
+        model = _build_timm(spec, load_weights)
+    elif ":" in spec.name:
         model = _build_from_factory(spec)
     else:
         model = _build_torchvision(spec, load_weights)
@@ -128,6 +138,28 @@ def _build_torchvision(spec: ModelSpec, load_weights: bool) -> nn.Module:
         ) from None
 
 
+def _build_timm(spec: ModelSpec, load_weights: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise DscompressError(f"{spec.name} needs timm, which is not installed: pip install 'dscompress[timm]'") from None
+    name = spec.name[len(TIMM_PREFIX) :]
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise DscompressError(f"unknown timm model {name!r}{hint}")
+    kwargs = dict(spec.kwargs)
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    pretrained = bool(load_weights and spec.weights)
+    if spec.weights and spec.weights not in ("DEFAULT", "pretrained"):
+        name = f"{name}.{spec.weights}"  # a timm pretrained tag, e.g. a1_in1k
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm and hub downloads raise many kinds
+        raise factory_failed(spec.name, e) from None
+
+
 def _build_from_factory(spec: ModelSpec) -> nn.Module:
     module_name, _, attr = spec.name.partition(":")
     try:
@@ -143,10 +175,38 @@ def _build_from_factory(spec: ModelSpec) -> nn.Module:
         if "num_classes" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             raise DscompressError(f"{spec.name} takes no num_classes argument; drop --num-classes")
         kwargs["num_classes"] = spec.num_classes
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except DscompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a user factory can raise anything
+        raise factory_failed(spec.name, e) from None
     if not isinstance(model, nn.Module):
         raise DscompressError(f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _is_download_error(error: BaseException) -> bool:
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, (urllib.error.URLError, socket.gaierror, socket.timeout, ConnectionError)):
+            return True
+        text = str(error).lower()
+        if "urlopen" in text or "download" in text or "name or service not known" in text:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def factory_failed(name: str, error: BaseException) -> DscompressError:
+    """One line for a model factory that raised: which one, why, and for a download what to do."""
+    if _is_download_error(error):
+        return DscompressError(
+            f"{name} tried to download weights ({type(error).__name__}: {first_line(error, 120)}); without internet, "
+            "build it without pretrained weights (for torchvision: weights=None, weights_backbone=None) and pass local "
+            "weights with --checkpoint FILE"
+        )
+    return DscompressError(f"{name} raised {type(error).__name__}: {first_line(error, 200)}; check the factory and its arguments")
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -159,8 +219,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise DscompressError(f"checkpoint {path!r} does not exist")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -180,11 +238,34 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a state dict into ``model``, or say precisely why it does not fit."""
-    from dscompress.artifact import with_metadata
+def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict:
+    """``state`` with the model's own state-dict metadata (module versions), which safetensors
+    does not store and some modules (MNASNet) need in order to load."""
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)
+    return state
 
+
+# Auxiliary classifiers that torchvision's googlenet and inception_v3 train with and drop for inference.
+AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state dict into ``model``, or say precisely why it does not fit.
+
+    A googlenet or inception_v3 checkpoint saved with its auxiliary heads (as torchvision trains
+    them) loads into the model without them: the auxiliary weights are dropped with a warning.
+    """
     state = read_state_dict(path)
+    expected = model.state_dict()
+    aux = [k for k in state if k not in expected and k.startswith(AUX_PREFIXES)]
+    if aux:
+        state = {k: v for k, v in state.items() if k not in aux}
+        warnings.warn(
+            f"dropped {len(aux)} auxiliary-classifier tensors ({aux[0]}, ...) from {path}: they are used only in training",
+            DscompressWarning,
+            stacklevel=2,
+        )
     check_state_dict(model, state, source=path)
     model.load_state_dict(with_metadata(state, model))
 

@@ -8,12 +8,8 @@ editing weights and ``in_channels``/``out_channels``/``groups``/``num_features``
 
 Two things Torch-Pruning does not know are handled here:
 
-* :class:`~dscompress.layers.DepthwiseSeparableConv2d` is pruned as one unit by
-  :class:`DepthwiseSeparablePruner`. Torch-Pruning only recognises depthwise convs with
-  ``groups == in_channels == out_channels``; the depthwise half of a rank-r layer has
-  ``out_channels = in_channels * r`` and would be treated as an ordinary grouped conv, breaking
-  the link between input channel j and its r filters ``j*r .. j*r+r-1``. The importance
-  estimators are shown the layer's two convs so their weights count (:func:`plain_group`).
+* :class:`~dscompress.layers.DepthwiseSeparableConv2d` is pruned as one unit, at any rank
+  (:mod:`dscompress.prune_tp`).
 * The layers that produce the model's output keep their output channels (the classifier keeps
   ``num_classes``); they are found by walking back from the output (:func:`output_layers`).
 """
@@ -21,21 +17,21 @@ Two things Torch-Pruning does not know are handled here:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from dscompress.convert import matches
+from dscompress._util import model_device
+from dscompress.config import Record, StepConfig, check_range, option
 from dscompress.errors import DscompressError, does_not_run
 from dscompress.layers import DepthwiseSeparableConv2d
 from dscompress.metrics import count_macs, count_params
-
-IMPORTANCES = ("magnitude", "taylor", "bn", "lamp")
+from dscompress.prune_tp import DS_PRUNER, make_importance
+from dscompress.selection import check_pattern, matches
 
 # Random batches that give the taylor importance its gradients when no data is passed.
 TAYLOR_BATCHES = 2
@@ -43,65 +39,39 @@ TAYLOR_BATCH_SIZE = 8
 
 
 @dataclass
-class PruneConfig:
-    """How to prune.
+class PruneConfig(StepConfig):
+    """How to prune."""
 
-    Attributes:
-        ratio: share of channels, in (0, 1), removed from every prunable group of coupled layers
-            (with ``global_pruning``, from all of them together). Torch-Pruning rounds the kept
-            count down, so each pruned group loses at least one channel; parameters and MACs fall
-            roughly as ``(1 - ratio) ** 2`` since both a layer's inputs and outputs shrink.
-        importance: how channels are ranked: ``magnitude`` (L2 norm of the group's weights),
-            ``taylor`` (|weight x gradient|, see :func:`accumulate_gradients`), ``bn`` (|BatchNorm
-            scale|; groups without BatchNorm are left alone) or ``lamp`` (layer-adaptive magnitude).
-        global_pruning: rank all groups' channels together, so some layers lose more than
-            ``ratio`` and others less, instead of ``ratio`` from each.
-        round_to: keep channel counts multiples of this (8 suits most accelerators); the kept
-            count is rounded down, so a group may lose a little more than ``ratio``.
-        ignore: patterns of layer names whose output channels are kept: globs (``layer4.*``) or
-            regexes (``re:layer[34]\\..*``), the same vocabulary as ``ConvertConfig.include``.
-            The layers that produce the model's output are always kept.
-        seed: seed of the random batches that the ``taylor`` importance uses without data.
-    """
+    STEP: ClassVar[str] = "prune"
 
-    ratio: float = 0.3
-    importance: str = "magnitude"
-    global_pruning: bool = False
-    round_to: int | None = None
-    ignore: list[str] = field(default_factory=list)
-    seed: int = 0
+    ratio: float = option(
+        0.3,
+        "Share (0-1) of channels removed from every prunable group of coupled layers (with --global-pruning, from all "
+        "of them together); parameters and MACs fall roughly as (1 - ratio)^2.",
+    )
+    importance: Literal["magnitude", "taylor", "bn", "lamp"] = option(
+        "magnitude",
+        "How channels are ranked: magnitude (L2 norm of the group's weights), taylor (|weight x gradient|), "
+        "bn (|BatchNorm scale|) or lamp (layer-adaptive magnitude).",
+    )
+    global_pruning: bool = option(False, "Rank the channels of all groups together instead of removing --ratio from each.")
+    round_to: int | None = option(
+        None, "Keep channel counts multiples of this (8 suits most runtimes); kept counts are rounded down."
+    )
+    ignore: list[str] = option(
+        factory=list, repeat=True, help="Keep the output channels of layers matching this glob or re: pattern (repeatable)."
+    )
+    seed: int = option(0, "Seed of the random batches the taylor importance uses without data.")
 
-    def __post_init__(self):
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
-            raise DscompressError(f"ratio must be a number in (0, 1), the share of channels to remove; got {self.ratio!r}")
-        self.ratio = float(self.ratio)
-        if self.importance not in IMPORTANCES:
-            raise DscompressError(f"importance must be one of {', '.join(IMPORTANCES)}; got {self.importance!r}")
-        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
-            raise DscompressError(f"round_to must be a positive integer (e.g. 8), got {self.round_to!r}")
-        self.global_pruning = bool(self.global_pruning)
-        self.ignore = list(self.ignore or [])
+    def check(self):
+        check_range("ratio", self.ratio, 0, 1, low_open=True, high_open=True)
+        check_range("round_to", self.round_to, low=1)
         for pattern in self.ignore:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise DscompressError(f"bad regular expression {pattern!r}: {e}") from None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PruneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DscompressError(f"unknown prune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+            check_pattern(pattern)
 
 
 @dataclass
-class LayerChannels:
+class LayerChannels(Record):
     """One layer's shape before and after pruning. MACs are per image (0 for normalisation)."""
 
     name: str
@@ -124,11 +94,13 @@ class LayerChannels:
 
 
 @dataclass
-class PruneRecord:
+class PruneRecord(Record):
     """What :func:`prune` did: every layer's channels before and after, and whole-model totals.
 
     ``kept`` lists the layers whose output channels were protected, with the reason.
     """
+
+    DERIVED: ClassVar[tuple[str, ...]] = ("params_ratio", "macs_ratio")
 
     config: dict
     input_size: list[int]
@@ -152,117 +124,6 @@ class PruneRecord:
     @property
     def changed_layers(self) -> list[LayerChannels]:
         return [layer for layer in self.layers if layer.changed]
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["params_ratio"] = self.params_ratio
-        d["macs_ratio"] = self.macs_ratio
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PruneRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["layers"] = [LayerChannels(**layer) for layer in d["layers"]]
-        return cls(**d)
-
-
-# --- the depthwise-separable layer as one prunable unit ------------------------------------------
-
-
-class DepthwiseSeparablePruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning handler that prunes a :class:`DepthwiseSeparableConv2d` as one layer.
-
-    Its channels are those of the conv it replaced: removing output channel o removes row o of
-    the pointwise weight (pointwise: (out, in * rank, 1, 1)); removing input channel j removes
-    the depthwise filters ``j*rank .. j*rank+rank-1`` (depthwise: (in * rank, 1, kh, kw)) and the
-    matching pointwise columns, and sets the depthwise ``in_channels = groups = in`` and
-    ``out_channels = in * rank``. Inputs and outputs are independent (like a dense conv), so
-    ``prune_in_channels`` is not ``prune_out_channels``.
-    """
-
-    TARGET_MODULES = (DepthwiseSeparableConv2d,)
-
-    def prune_out_channels(self, layer: DepthwiseSeparableConv2d, idxs) -> DepthwiseSeparableConv2d:
-        tp.prune_conv_out_channels(layer.pointwise, list(idxs))
-        return layer
-
-    def prune_in_channels(self, layer: DepthwiseSeparableConv2d, idxs) -> DepthwiseSeparableConv2d:
-        rank = layer.rank
-        removed = set(int(i) for i in idxs)
-        kept = [j for j in range(layer.in_channels) if j not in removed]
-        kept_filters = [j * rank + t for j in kept for t in range(rank)]
-        depthwise, pointwise = layer.depthwise, layer.pointwise
-        depthwise.weight = self._prune_parameter_and_grad(depthwise.weight, kept_filters, 0)
-        if depthwise.bias is not None:
-            depthwise.bias = self._prune_parameter_and_grad(depthwise.bias, kept_filters, 0)
-        depthwise.in_channels = depthwise.groups = len(kept)
-        depthwise.out_channels = len(kept) * rank
-        pointwise.weight = self._prune_parameter_and_grad(pointwise.weight, kept_filters, 1)
-        pointwise.in_channels = len(kept) * rank
-        return layer
-
-    def get_out_channels(self, layer: DepthwiseSeparableConv2d) -> int:
-        return layer.pointwise.out_channels
-
-    def get_in_channels(self, layer: DepthwiseSeparableConv2d) -> int:
-        return layer.depthwise.in_channels
-
-
-DS_PRUNER = DepthwiseSeparablePruner()
-
-
-def _item(module: nn.Module, handler, idxs: list[int], root_idxs: list) -> tp._helpers.GroupItem:
-    node = tp.dependency.Node(module, grad_fn=None)
-    item = tp._helpers.GroupItem(dep=tp.Dependency(handler, handler, source=node, target=node), idxs=idxs)
-    item.root_idxs = root_idxs
-    return item
-
-
-def plain_group(group) -> list:
-    """The items of a Torch-Pruning group, with depthwise-separable layers shown as their convs.
-
-    Torch-Pruning's importance estimators score only standard layers (conv, linear, norms). An
-    output-channel item of a depthwise-separable layer becomes one on its pointwise conv; an
-    input-channel item (channel j) becomes the pointwise columns and the depthwise filters
-    ``j*rank .. j*rank+rank-1``, each attributed to root channel j. Those come last, because
-    the estimators size their result by the first scored item.
-    """
-    items, expanded = [], []
-    for item in group:
-        layer = item.dep.target.module
-        if not isinstance(layer, DepthwiseSeparableConv2d):
-            items.append(item)
-        elif item.dep.handler == DS_PRUNER.prune_out_channels:
-            items.append(_item(layer.pointwise, tp.prune_conv_out_channels, list(item.idxs), item.root_idxs))
-        else:
-            rank = layer.rank
-            pairs = sorted(zip(item.idxs, item.root_idxs), key=lambda pair: pair[0])
-            filters = [j * rank + t for j, _ in pairs for t in range(rank)]
-            roots = [root for _, root in pairs for _ in range(rank)]
-            expanded.append(_item(layer.pointwise, tp.prune_conv_in_channels, filters, roots))
-            expanded.append(_item(layer.depthwise, tp.prune_conv_out_channels, list(filters), list(roots)))
-    return items + expanded
-
-
-class SeesDepthwiseSeparable(tp.importance.Importance):
-    """Wraps a Torch-Pruning importance so that depthwise-separable layers' weights count."""
-
-    def __init__(self, inner: tp.importance.Importance):
-        self.inner = inner
-
-    def __call__(self, group):
-        return self.inner(plain_group(group))
-
-
-def make_importance(name: str) -> tp.importance.Importance:
-    inner = {
-        "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-        "taylor": lambda: tp.importance.GroupTaylorImportance(),
-        "bn": lambda: tp.importance.BNScaleImportance(),
-        "lamp": lambda: tp.importance.LAMPImportance(p=2),
-    }[name]()
-    return SeesDepthwiseSeparable(inner)
 
 
 # --- which layers there are, and which feed the output -------------------------------------------
@@ -449,7 +310,7 @@ def prune(
     config = config or PruneConfig()
     input_size = tuple(input_size)
     model = copy.deepcopy(model).eval()
-    device = next(model.parameters(), torch.empty(0)).device
+    device = model_device(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():  # tracing follows autograd, so frozen weights would hide layers
         p.requires_grad_(True)
@@ -525,57 +386,3 @@ def _check_something_to_prune(pruner: tp.pruner.BasePruner, config: PruneConfig)
             f"--ratio {config.ratio} removes less than one channel from every layer (the widest prunable one has "
             f"{max(channels)}); use --ratio of at least {1 / max(channels):.2g}"
         )
-
-
-def prune_artifact(source, out: str, config: PruneConfig | None = None, force: bool = False, calibration_batches=None):
-    """Prune a :class:`~dscompress.artifact.Source` and save the result as an artifact folder.
-
-    Returns (artifact, record).
-    """
-    from dscompress.artifact import save_step
-
-    config = config or PruneConfig()
-    model, record = prune(source.model, source.spec.input_size, config, calibration_batches=calibration_batches)
-    artifact = save_step(
-        source, out, model, "prune", config.to_dict(), record.to_dict(), metrics={"macs": record.macs_after}, force=force
-    )
-    return artifact, record
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-
-def prune_table(record: PruneRecord):
-    """Per-layer channels of a :class:`~dscompress.prune.PruneRecord` (norm layers follow their conv)."""
-    from rich.table import Table
-
-    from dscompress.report import human
-
-    shown = [layer for layer in record.layers if layer.type not in ("BatchNorm2d", "BatchNorm1d", "LayerNorm")]
-    changed = sum(layer.changed for layer in shown)
-    how = "globally" if record.config["global_pruning"] else "per layer"
-    table = Table(title=f"pruned {changed} of {len(shown)} layers ({record.config['importance']}, ratio {record.config['ratio']} {how})")
-    for title in ("layer", "type", "in", "out", "params", "MACs"):
-        table.add_column(title, justify="left" if title in ("layer", "type") else "right")
-    for layer in shown:
-        kind = layer.type + (f" r{layer.rank}" if layer.rank else "") + (f" g{layer.groups_after}" if layer.groups_after and layer.groups_after > 1 else "")
-        table.add_row(
-            layer.name,
-            kind,
-            f"{layer.in_before} -> {layer.in_after}" if layer.in_after != layer.in_before else str(layer.in_before),
-            f"{layer.out_before} -> {layer.out_after}" if layer.out_after != layer.out_before else str(layer.out_before),
-            f"{human(layer.params_before)} -> {human(layer.params_after)}",
-            f"{human(layer.macs_before)} -> {human(layer.macs_after)}",
-        )
-    return table
-
-
-def prune_summary(record: PruneRecord) -> list[str]:
-    """Whole-model totals and the layers whose outputs were kept, one line each."""
-    from dscompress.report import human
-
-    return [
-        f"params: {human(record.params_before)} -> {human(record.params_after)} ({record.params_ratio:.1%} kept); "
-        f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({record.macs_ratio:.1%} kept)",
-        "outputs kept: " + ", ".join(f"{k['name']} ({k['reason']})" for k in record.kept),
-    ]

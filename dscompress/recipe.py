@@ -1,10 +1,11 @@
 """Recipes: a whole pipeline in one YAML file, validated before anything runs.
 
-A recipe names the model and an ordered list of steps, each a one-key mapping from the step kind
-to its options, with the same option names as the CLI (``macs-budget`` or ``macs_budget``)::
+A recipe names the model and an ordered list of steps, each a one-key mapping from the step's
+name to its options. The options are the step's config fields, spelt as on the command line
+(``macs-budget``, or ``macs_budget``)::
 
     model: {name: resnet18, num_classes: 10, input_size: [3, 32, 32]}
-    data: digits                 # default --data for the steps that take one
+    data: digits                 # default data for the steps that take it
     steps:
       - finetune: {name: baseline, teacher: none, epochs: 3}
       - convert: {rank: 1}
@@ -12,42 +13,30 @@ to its options, with the same option names as the CLI (``macs-budget`` or ``macs
       - finetune: {epochs: 5}
       - export: {}
 
-Every problem (an unknown key, a wrong type, a missing value) is reported with its path in the
-file and its line, e.g. ``recipe.yaml:7: steps[1].convert.rnak: unknown option (known: ...)``.
+``name`` names a step's output folder. Every problem (an unknown key, a wrong type, a value out
+of range) is reported with its path in the file and its line, e.g.
+``recipe.yaml:7: steps[1].convert.rnak: unknown option (known: ...)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import re
-import types
 import typing
 from dataclasses import dataclass
 
 import yaml
 
+from dscompress.config import ConfigError, coerce, flag_name
 from dscompress.errors import DscompressError
+from dscompress.models import ModelSpec
+from dscompress.steps import STEPS
 
-# Step kind -> (module, config class). Options not in the config class but listed in
-# STEP_EXTRAS are handled by the pipeline itself.
-STEP_CONFIGS = {
-    "convert": ("dscompress.convert", "ConvertConfig"),
-    "calibrate": ("dscompress.calibrate", "CalibrateConfig"),
-    "prune": ("dscompress.prune", "PruneConfig"),
-    "finetune": ("dscompress.train", "FinetuneConfig"),
-    "export": ("dscompress.export", "ExportConfig"),
-    "validate": ("dscompress.validate", "ValidateConfig"),
-    "bench": ("dscompress.bench", "BenchConfig"),
-    "evaluate": (None, None),
-}
-STEP_EXTRAS = {
-    "evaluate": {"data": str, "batch_size": int},
-}
-# Options every step takes: a name for its output folder.
-COMMON = {"name": str}
-MODEL_KEYS = {"name": str, "num_classes": int, "input_size": list, "checkpoint": str, "weights": str}
+# The recipe-wide defaults a step's config takes when it has the field and the step does not set it.
+DEFAULTS = ("data", "device")
 TOP_KEYS = {"name", "description", "model", "data", "steps"}
+# Steps that cannot run without images (their config's data has no default).
+NEEDS_DATA = ("calibrate", "evaluate")
+MODEL_KEYS = [f.name for f in dataclasses.fields(ModelSpec)]
 
 
 @dataclass
@@ -72,22 +61,16 @@ class Recipe:
     name: str = ""
     description: str = ""
 
-
-def config_class(kind: str):
-    module_name, class_name = STEP_CONFIGS[kind]
-    if module_name is None:
-        return None
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-def step_fields(kind: str) -> dict[str, object]:
-    """Option name -> type hint for a step kind."""
-    cls = config_class(kind)
-    fields = {}
-    if cls is not None:
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: hints.get(f.name, object) for f in dataclasses.fields(cls) if f.init}
-    return {**fields, **STEP_EXTRAS.get(kind, {}), **COMMON}
+    def config(self, step: Step, device: str | None = None):
+        """The step's config, with the recipe's data (and a device) where the step does not say."""
+        cls = STEPS[step.kind].config
+        options = dict(step.options)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        defaults = {"data": self.data, "device": device}
+        for name in DEFAULTS:
+            if name in fields and options.get(name) is None and defaults[name] is not None:
+                options[name] = defaults[name]
+        return cls.from_dict(options)
 
 
 def _line_map(node, path=(), lines=None) -> dict:
@@ -111,34 +94,6 @@ def _where(path: tuple) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
-
-
-def _type_ok(value, hint) -> bool:
-    if hint is object or hint is typing.Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple) or hint in (list, tuple):
-        args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and (not args or all(_type_ok(v, args[0]) for v in value))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _type_name(hint) -> str:
-    return re.sub(r"typing\.|<class '([^']+)'>", r"\1", str(hint)).replace("NoneType", "None")
 
 
 def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recipe:
@@ -169,21 +124,14 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
         problem(("model",), "missing: a mapping with at least 'name'")
         model = {}
     else:
-        for key, value in model.items():
-            if key not in MODEL_KEYS:
-                problem(("model", key), f"unknown key (known: {', '.join(MODEL_KEYS)})")
-            elif value is not None and not isinstance(value, MODEL_KEYS[key]):
-                problem(("model", key), f"expected {MODEL_KEYS[key].__name__}, got {type(value).__name__} {value!r}")
-        if not model.get("name"):
-            problem(("model",), "missing required key 'name'")
+        _check_model(model, problem)
     if data.get("data") is not None and not isinstance(data["data"], str):
         problem(("data",), f"expected a dataset spec such as 'digits', got {data['data']!r}")
-    steps = []
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
         problem(("steps",), "missing: a list of steps such as '- convert: {rank: 1}'")
         raw_steps = []
-    names = set()
+    steps, names = [], set()
     for i, raw in enumerate(raw_steps):
         at = ("steps", i)
         if not isinstance(raw, dict) or len(raw) != 1:
@@ -191,58 +139,73 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
             continue
         kind, options = next(iter(raw.items()))
         options = {} if options is None else options
-        if kind not in STEP_CONFIGS:
-            problem(at + (kind,), f"unknown step (known: {', '.join(STEP_CONFIGS)})")
+        if kind not in STEPS:
+            problem(at + (kind,), f"unknown step (known: {', '.join(STEPS)})")
             continue
         if not isinstance(options, dict):
             problem(at + (kind,), f"options must be a mapping, got {options!r}")
             continue
-        known = step_fields(kind)
-        clean = {}
-        for key, value in options.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                problem(at + (kind, key), f"unknown option (known: {', '.join(k.replace('_', '-') for k in known)})")
-            elif not _type_ok(value, known[name]):
-                problem(at + (kind, key), f"expected {_type_name(known[name])}, got {type(value).__name__} {value!r}")
-            else:
-                clean[name] = value
-        step_name = clean.pop("name", None) or f"{i + 1:02d}-{kind}"
+        step_name = options.get("name") or f"{i + 1:02d}-{kind}"
         if step_name in names:
             problem(at + (kind,), f"step name {step_name!r} is used twice")
         names.add(step_name)
+        def option_problem(key, message, at=at, kind=kind):
+            problem(at + (kind, key), message)
+
+        clean = _check_options(kind, {k: v for k, v in options.items() if k != "name"}, option_problem)
         if kind == "validate" and not any(s.kind == "export" for s in steps):
             problem(at + (kind,), "validate needs an export step before it")
-        if kind in ("calibrate", "evaluate") and not (clean.get("data") or data.get("data")):
+        if kind in NEEDS_DATA and not (clean.get("data") or data.get("data")):
             problem(at + (kind,), "needs data: give 'data' here or at the top of the recipe")
         steps.append(Step(kind, clean, step_name, lines.get(at, 0)))
+    recipe = Recipe(path, model, steps, data.get("data"), data.get("name", ""), data.get("description", ""))
     if not problems:
-        for step in steps:
-            _check_config(step, data.get("data"), path, problems)
+        for i, step in enumerate(steps):
+            try:
+                recipe.config(step)
+            except ConfigError as e:
+                key = flag_name(e.option)[2:] if e.option else None
+                at = ("steps", i, step.kind) + ((key,) if key else ())
+                problem(at, e.message)
+            except DscompressError as e:
+                problem(("steps", i, step.kind), str(e))
     if problems:
-        raise DscompressError(("\n".join(problems)) if len(problems) > 1 else problems[0])
-    return Recipe(path, model, steps, data.get("data"), data.get("name", ""), data.get("description", ""))
+        raise DscompressError("\n".join(problems))
+    return recipe
 
 
-def step_config(step: Step, default_data: str | None):
-    """The step's config dataclass instance (None for steps without one)."""
-    cls = config_class(step.kind)
-    if cls is None:
-        return None
-    names = {f.name for f in dataclasses.fields(cls)}
-    options = {k: v for k, v in step.options.items() if k in names}
-    if "data" in names and options.get("data") is None and default_data:
-        options["data"] = default_data
-    return cls(**options)
+def _check_model(model: dict, problem) -> None:
+    hints = typing.get_type_hints(ModelSpec)
+    for key, value in model.items():
+        if key not in MODEL_KEYS:
+            problem(("model", key), f"unknown key (known: {', '.join(MODEL_KEYS)})")
+            continue
+        try:
+            coerce(value, hints[key] | None, key)
+        except ConfigError as e:
+            problem(("model", key), e.message)
+    if not model.get("name"):
+        problem(("model",), "missing required key 'name'")
 
 
-def _check_config(step: Step, default_data, path: str, problems: list[str]) -> None:
-    try:
-        step_config(step, default_data)
-    except DscompressError as e:
-        problems.append(f"{path}:{step.line}: steps.{step.name}: {e}")
-    except (TypeError, ValueError) as e:
-        problems.append(f"{path}:{step.line}: steps.{step.name}: {e}")
+def _check_options(kind: str, options: dict, problem) -> dict:
+    """The options with ``_`` names, after checking each one's name and type."""
+    cls = STEPS[kind].config
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    clean = {}
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            problem(key, f"unknown option (known: {', '.join(flag_name(n)[2:] for n in fields)})")
+            continue
+        try:
+            coerce(value, hints[name], name, fields[name].metadata.get("repeat", False))
+        except ConfigError as e:
+            problem(key, e.message)
+            continue
+        clean[name] = value
+    return clean
 
 
 def _apply_override(data: dict, override: str) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+import matplotlib
 from rich.table import Table
 
+from dscompress._util import atomic_path, human, write_text
 from dscompress.artifact import Artifact, is_artifact
 from dscompress.errors import DscompressError
+from dscompress.runstate import is_run, run_models
 
 # (metric key, column title, format); a column is shown when any row has the metric.
 COLUMNS = [
@@ -21,29 +24,21 @@ COLUMNS = [
 ]
 
 
-def human(n: float) -> str:
-    """12_345_678 -> '12.35M'."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
-
-
 def find_artifacts(paths: list[str]) -> list[str]:
     """Artifact folders among ``paths``; a folder that is not one is searched one level down."""
     found = []
-    from dscompress.pipeline import RUN_FILE, load_run
-
     for path in paths:
         if is_artifact(path):
             found.append(path)
-        elif os.path.isfile(os.path.join(path, RUN_FILE)):
-            found += load_run(path)
+        elif is_run(path):
+            found += run_models(path)
         elif os.path.isdir(path):
             inner = sorted(os.path.join(path, d) for d in os.listdir(path) if is_artifact(os.path.join(path, d)))
             if not inner:
                 raise DscompressError(f"{path!r} is not an artifact folder and holds none")
             found += inner
+        elif os.path.exists(path):
+            raise DscompressError(f"{path!r} is a file, not an artifact folder (report compares artifact folders and run folders)")
         else:
             raise DscompressError(f"{path!r} does not exist")
     return found
@@ -152,6 +147,12 @@ def comparison_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(rows: list[dict], path: str) -> str:
+    """Write the Markdown table to ``path`` (atomically)."""
+    write_text(path, comparison_markdown(rows) + "\n")
+    return path
+
+
 def comparison_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2, default=str)
 
@@ -162,10 +163,6 @@ def plot(rows: list[dict], path: str) -> str:
     Artifacts without a top-1 are left out (evaluate them first); the latency panel shows those
     that have a ``bench`` result. Written atomically.
     """
-    import tempfile
-
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -187,15 +184,9 @@ def plot(rows: list[dict], path: str) -> str:
     axes[0].set_title("accuracy vs compute")
     axes[1].set_title("accuracy vs latency")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

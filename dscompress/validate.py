@@ -1,43 +1,29 @@
 """Does the exported ONNX model compute what the PyTorch model computes, on each runtime?
 
 ``validate_onnx(onnx_path, model, input_size, config)`` opens one ONNX Runtime session per
-requested execution provider, feeds the same seeded random images to the session and to the
-PyTorch model (float32, on the CPU: the reference), and compares every output element-wise
-with ``|onnx - torch| <= atol + rtol * |torch|`` (numpy's ``allclose``). Optionally it also
-measures top-1 agreement on real images (``data``).
-
-ONNX Runtime quietly runs a session on the CPU when the CUDA or TensorRT provider cannot start
-(no GPU, missing libraries): the onnxruntime-gpu wheel lists them as available either way.
-:func:`open_session` therefore checks ``session.get_providers()`` and reports such a provider
-as unavailable, with the reason ONNX Runtime logged, rather than passing off a CPU run as a
-CUDA result.
+requested execution provider (:func:`~dscompress.ort.open_session`, which refuses a silent CPU
+fallback), feeds the same seeded random images to the session and to the PyTorch model (float32,
+on the CPU: the reference), and compares every output element-wise with
+``|onnx - torch| <= atol + rtol * |torch|`` (numpy's ``allclose``). Optionally it also measures
+top-1 agreement on real images (``data``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import io
-import os
-import re
-import sys
-import tempfile
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from dscompress._util import eval_mode, flatten_outputs
+from dscompress.config import ConfigError, Record, StepConfig, check_range, option
+from dscompress.data import DataSpec, load_dataset, make_loader
 from dscompress.errors import DscompressError
-
-# Short names accepted on the command line; full ONNX Runtime names are accepted too.
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-SHORT_NAMES = {v: k for k, v in PROVIDERS.items()}
+from dscompress.ort import check_input_size, onnx_input_shape, onnx_precision, open_session, parse_providers, read_onnx, resolve_providers
 
 # Default tolerances by the precision of the exported graph, (atol, rtol), for numpy's allclose
 # rule |onnx - torch| <= atol + rtol * |torch|. fp32: ONNX Runtime and PyTorch differ only by
@@ -53,253 +39,57 @@ TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2)}
 DEFAULT_DATA_LIMIT = 512
 
 
-@dataclass
-class ValidateConfig:
-    """What to validate against.
-
-    Attributes:
-        providers: ONNX Runtime execution providers: ``cpu``, ``cuda``, ``tensorrt`` (or full
-            names such as ``CUDAExecutionProvider``), or ``auto`` for every provider that really
-            runs here; a comma-separated string is split.
-        batch_sizes: batch sizes to compare at; at least one should differ from the export
-            batch (2), to show that the batch axis is really dynamic.
-        atol, rtol: tolerances; None picks them from the graph's precision (:data:`TOLERANCES`).
-        data: a dataset spec (``digits``, ``cifar10:DIR`` ...) for top-1 agreement on real images.
-        data_limit: at most this many test images for the agreement.
-        seed: seed of the random normal input images.
-    """
-
-    providers: list[str] = field(default_factory=lambda: ["cpu"])
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 3])
-    atol: float | None = None
-    rtol: float | None = None
-    data: str | None = None
-    data_limit: int = DEFAULT_DATA_LIMIT
-    seed: int = 0
-
-    def __post_init__(self):
-        self.providers = parse_providers(self.providers)
-        self.batch_sizes = parse_batch_sizes(self.batch_sizes)
-        for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if value is not None and not (value >= 0 and np.isfinite(value)):
-                raise DscompressError(f"{name} must be a finite number >= 0, got {value}")
-        if self.data_limit < 1:
-            raise DscompressError(f"data_limit must be at least 1, got {self.data_limit}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ValidateConfig:
-        return cls(**d)
+ProviderStatus = Literal["pass", "fail", "unavailable", "skipped"]
+ValidationStatus = Literal["pass", "fail", "unavailable"]
 
 
-def parse_providers(value: str | Iterable[str]) -> list[str]:
-    """'cpu,cuda' or ['cpu', 'CUDAExecutionProvider'] -> ['cpu', 'cuda']; 'auto' stays alone."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    names = []
-    for item in items:
-        item = item.strip()
-        if not item:
-            continue
-        short = item.lower()
-        if short == "auto" or short in PROVIDERS:
-            name = short
-        elif item in SHORT_NAMES:
-            name = SHORT_NAMES[item]
-        elif item.endswith("ExecutionProvider"):
-            name = item  # another ONNX Runtime provider, e.g. OpenVINOExecutionProvider
-        else:
-            raise DscompressError(
-                f"unknown provider {item!r}; use {', '.join(PROVIDERS)}, auto, or a full ONNX Runtime "
-                "name such as CUDAExecutionProvider"
-            )
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise DscompressError("give at least one provider (cpu, cuda, tensorrt or auto)")
-    if "auto" in names and len(names) > 1:
-        raise DscompressError("'auto' already means every usable provider; give it alone")
-    return names
-
-
-def parse_batch_sizes(value: str | int | Iterable[int]) -> list[int]:
-    """'1,3' or [1, 3] -> [1, 3]: positive, unique, in the given order."""
-    if isinstance(value, int):
-        value = [value]
-    items = value.split(",") if isinstance(value, str) else list(value)
-    sizes = []
-    for item in items:
-        if isinstance(item, str) and not item.strip():
-            continue
-        try:
-            size = int(item)
-        except (TypeError, ValueError):
-            raise DscompressError(f"batch sizes must be positive integers like 1,3, got {value!r}") from None
-        if size < 1:
-            raise DscompressError(f"batch sizes must be positive integers like 1,3, got {value!r}")
-        if size not in sizes:
-            sizes.append(size)
+def check_batch_sizes(name: str, sizes: list[int]) -> list[int]:
+    """Positive, unique, in the given order."""
     if not sizes:
-        raise DscompressError("give at least one batch size")
-    return sizes
+        raise ConfigError(name, "needs at least one batch size")
+    for size in sizes:
+        check_range(name, size, low=1)
+    return list(dict.fromkeys(sizes))
 
 
-def ort_name(provider: str) -> str:
-    return PROVIDERS.get(provider, provider)
+@dataclass
+class ValidateConfig(StepConfig):
+    """What to validate against."""
 
+    STEP: ClassVar[str] = "validate"
 
-# --- sessions ------------------------------------------------------------------------------------
+    providers: list[str] = option(
+        factory=lambda: ["auto"],
+        help="ONNX Runtime execution providers: cpu, cuda, tensorrt (or full names such as CUDAExecutionProvider), "
+        "or auto for every provider that really runs here.",
+    )
+    batch_sizes: list[int] = option(
+        factory=lambda: [1, 3], help="Batch sizes to compare at; one that differs from the export batch (2) shows the batch axis is dynamic."
+    )
+    atol: float | None = option(None, "Absolute tolerance [default: 1e-4 for fp32, 2e-2 for fp16].")
+    rtol: float | None = option(None, "Relative tolerance [default: 1e-3 for fp32, 2e-2 for fp16].")
+    data: str | None = option(None, "Also measure top-1 agreement on this dataset's test images: digits, mnist:DIR, ...", metavar="SPEC")
+    data_limit: int = option(DEFAULT_DATA_LIMIT, "Test images used with --data.")
+    seed: int = option(0, "Seed of the random normal input images.")
 
-
-@contextlib.contextmanager
-def captured_output():
-    """Collect what Python and native libraries print while the block runs.
-
-    ONNX Runtime logs provider failures from C++ straight to file descriptor 2 and prints some
-    from Python; the exporters print progress. Yields a list that receives the text on exit.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    collected: list[str] = []
-    python_text = io.StringIO()
-    with tempfile.TemporaryFile() as sink:
-        saved = os.dup(1), os.dup(2)
+    def check(self):
         try:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            with contextlib.redirect_stdout(python_text), contextlib.redirect_stderr(python_text):
-                yield collected
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            sink.seek(0)
-            collected.append(sink.read().decode(errors="replace") + python_text.getvalue())
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _fallback_reason(log: str) -> str:
-    """The line of ONNX Runtime's log that says why a provider did not start."""
-    log = _ANSI.sub("", log)
-    for pattern in (
-        r"Failed to load library \S*?([^/\s]+) with error: ([^\n]+)",
-        r"EP Error [^\n]*?(\w+\.cc:\d+ )?[^\n]*?\) ([^\n]+)",
-        r"(Failed to create \w+)[^\n]*?(Require [^\n.]+)",
-    ):
-        match = re.search(pattern, log)
-        if match:
-            return ": ".join(g.strip() for g in match.groups() if g and g.strip())
-    return "ONNX Runtime logged no reason"
-
-
-def available_providers() -> list[str]:
-    """Providers this onnxruntime build was compiled with (not necessarily usable here)."""
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
-
-
-def open_session(onnx_path: str, provider: str, threads: int | None = None):
-    """An ONNX Runtime session that really runs on ``provider``, or None and the reason why not.
-
-    Args:
-        provider: a short name (``cpu``, ``cuda``, ``tensorrt``) or a full provider name.
-        threads: intra-op threads for the CPU parts (None: ONNX Runtime's default).
-
-    Returns:
-        (session, None) when ``session.get_providers()[0]`` is the requested provider, else
-        (None, reason). TensorRT gets CUDA and CPU behind it for the nodes it does not take,
-        CUDA gets the CPU (shape computations), as in a deployment.
-    """
-    import onnxruntime as ort
-
-    name = ort_name(provider)
-    if name not in ort.get_available_providers():
-        return None, f"not in this onnxruntime build (it has {', '.join(ort.get_available_providers())})"
-    chain = [name]
-    if name == "TensorrtExecutionProvider":
-        chain.append("CUDAExecutionProvider")
-    if name != "CPUExecutionProvider":
-        chain.append("CPUExecutionProvider")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    with captured_output() as log:
-        try:
-            session = ort.InferenceSession(onnx_path, sess_options=options, providers=chain)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidArgument types
-            session, error = None, e
-    if session is None:
-        text = _ANSI.sub("", str(error)).strip().splitlines()
-        if name == "CPUExecutionProvider":
-            raise DscompressError(f"ONNX Runtime cannot load {onnx_path!r}: {text[0][:300] if text else error!r}")
-        return None, f"session failed: {text[0][:300] if text else type(error).__name__}"
-    actual = session.get_providers()
-    if actual[0] != name:
-        return None, f"ONNX Runtime fell back to {actual[0]}: {_fallback_reason(log[0])}"
-    return session, None
-
-
-def read_onnx(onnx_path: str):
-    """Load an ONNX model's graph (weights left on disk), or say why the file is not one."""
-    import onnx
-
-    if not os.path.exists(onnx_path):
-        raise DscompressError(f"ONNX file {onnx_path!r} does not exist; export one with `dscompress export MODEL --onnx {onnx_path}`")
-    if os.path.isdir(onnx_path):
-        raise DscompressError(f"{onnx_path!r} is a folder, not an ONNX file")
-    try:
-        return onnx.load(onnx_path, load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, onnx its own errors
-        raise DscompressError(f"{onnx_path!r} is not an ONNX model ({type(e).__name__}); give a .onnx file written by an exporter") from None
-
-
-def onnx_precision(model_proto) -> str:
-    """'fp16' when the dscompress metadata says so or any float initializer is float16, else 'fp32'."""
-    import onnx
-
-    props = {p.key: p.value for p in model_proto.metadata_props}
-    if "dscompress.precision" in props:
-        return props["dscompress.precision"]
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model_proto.graph.initializer):
-        return "fp16"
-    return "fp32"
-
-
-def onnx_input_shape(model_proto) -> list:
-    """The first graph input's shape: ints for fixed dims, names (str) for dynamic ones."""
-    graph_inputs = {i.name for i in model_proto.graph.initializer}
-    inputs = [i for i in model_proto.graph.input if i.name not in graph_inputs]
-    if len(inputs) != 1:
-        raise DscompressError(f"the ONNX model has {len(inputs)} inputs; dscompress validates single-image-batch models")
-    dims = inputs[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-
-
-def check_input_size(shape: list, input_size) -> None:
-    """Raise when the ONNX input (N, C, H, W) cannot take images of ``input_size`` (C, H, W)."""
-    if len(shape) != 4:
-        raise DscompressError(f"the ONNX model takes a {len(shape)}-d input {shape}; expected an image batch (N, C, H, W)")
-    fixed = [(want, have) for want, have in zip(input_size, shape[1:]) if isinstance(have, int) and have > 0]
-    if any(want != have for want, have in fixed):
-        given = ",".join(str(v) if isinstance(v, int) and v > 0 else "?" for v in shape[1:])
-        raise DscompressError(
-            f"the ONNX model takes {given} (C,H,W) images but the model is set up for "
-            f"{','.join(map(str, input_size))}; pass --input-size {given} or validate against the model it was exported from"
-        )
+            self.providers = parse_providers(self.providers)
+        except DscompressError as e:
+            raise ConfigError("providers", str(e)) from None
+        self.batch_sizes = check_batch_sizes("batch_sizes", self.batch_sizes)
+        check_range("atol", self.atol, low=0)
+        check_range("rtol", self.rtol, low=0)
+        check_range("data_limit", self.data_limit, low=1)
+        if self.data is not None:
+            self.data = str(DataSpec.parse(self.data))
 
 
 # --- comparing -----------------------------------------------------------------------------------
 
 
 @dataclass
-class OutputDiff:
+class OutputDiff(Record):
     """How one output of one batch differs from PyTorch.
 
     The relative difference is ``|onnx - torch| / max(|torch|, atol)``, so reference values
@@ -320,7 +110,7 @@ class OutputDiff:
 
 
 @dataclass
-class ProviderResult:
+class ProviderResult(Record):
     """Validation on one execution provider.
 
     ``status``: ``pass``, ``fail``, ``unavailable`` (asked for by name but it cannot run here) or
@@ -328,7 +118,7 @@ class ProviderResult:
     """
 
     provider: str
-    status: str
+    status: ProviderStatus
     reason: str = ""
     session_providers: list[str] = field(default_factory=list)
     diffs: list[OutputDiff] = field(default_factory=list)
@@ -336,7 +126,7 @@ class ProviderResult:
 
 
 @dataclass
-class ValidationRecord:
+class ValidationRecord(Record):
     """What :func:`validate_onnx` found; ``status`` is the verdict over all providers.
 
     ``status``: ``pass`` when every provider that was asked for ran and passed; ``fail`` when
@@ -353,8 +143,10 @@ class ValidationRecord:
     providers: list[ProviderResult]
     notes: list[str] = field(default_factory=list)
 
+    DERIVED: ClassVar[tuple[str, ...]] = ("status",)
+
     @property
-    def status(self) -> str:
+    def status(self) -> ValidationStatus:
         statuses = [p.status for p in self.providers]
         if "fail" in statuses:
             return "fail"
@@ -390,28 +182,6 @@ class ValidationRecord:
             "max_abs": max((d.max_abs for p in self.providers for d in p.diffs), default=None),
         }
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["status"] = self.status
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ValidationRecord:
-        d = {k: v for k, v in d.items() if k != "status"}
-        providers = [
-            ProviderResult(**{**p, "diffs": [OutputDiff(**x) for x in p["diffs"]]}) for p in d.pop("providers")
-        ]
-        return cls(providers=providers, **d)
-
-
-def _flatten(outputs) -> list[torch.Tensor]:
-    """A model's outputs as a list of tensors (a tensor, tuple, list, dict or named tuple)."""
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, dict):
-        outputs = list(outputs.values())
-    return [t for item in outputs for t in _flatten(item)]
-
 
 def compare_outputs(onnx_out: np.ndarray, torch_out: np.ndarray, name: str, batch_size: int, atol: float, rtol: float) -> OutputDiff:
     """Element-wise comparison of one output; both arrays have the same shape."""
@@ -445,7 +215,7 @@ def _feed(session, images: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def _torch_outputs(model: nn.Module, images: torch.Tensor) -> list[np.ndarray]:
-    return [t.detach().float().cpu().numpy() for t in _flatten(model(images))]
+    return [t.detach().float().cpu().numpy() for t in flatten_outputs(model(images))]
 
 
 def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | None = None) -> dict:
@@ -510,8 +280,6 @@ def _rebatch(loader: Iterable, batch_size: int | None) -> Iterable:
 
 
 def _data_batches(data: str, input_size, batch_size: int | None):
-    from dscompress.data import load_dataset, make_loader
-
     dataset = load_dataset(data, input_size, split="test")
     return _rebatch(make_loader(dataset, batch_size or 64), batch_size)
 
@@ -563,10 +331,7 @@ def _validate(onnx_path: str, proto, shape: list, reference: nn.Module, input_si
             f"{len(expected[batch_sizes[0]])}; validate against the model it was exported from"
         )
 
-    providers = config.providers
-    automatic = providers == ["auto"]
-    if automatic:
-        providers = [SHORT_NAMES.get(p, p) for p in available_providers() if p in SHORT_NAMES]
+    providers, automatic = resolve_providers(config.providers)
     results = []
     for provider in providers:
         session, reason = open_session(onnx_path, provider)
@@ -614,65 +379,9 @@ def _validate(onnx_path: str, proto, shape: list, reference: nn.Module, input_si
     )
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run the block with ``model`` in eval mode and give it back in the mode it had."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def _reference_model(model: nn.Module) -> nn.Module:
     """The model in float32 on the CPU (a copy only when it is not already)."""
     parameter = next(model.parameters(), None)
     if parameter is not None and (parameter.dtype != torch.float32 or parameter.device.type != "cpu"):
-        import copy
-
         model = copy.deepcopy(model).float().cpu()
     return model
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-
-def validation_table(record: ValidationRecord, title: str | None = None):
-    """A rich table: one row per provider, batch and output; unusable providers with their reason."""
-    from rich.table import Table
-
-    table = Table(title=title or f"ONNX Runtime vs PyTorch: {record.status} ({record.precision}, atol {record.atol:g}, rtol {record.rtol:g})")
-    for name in ("provider", "status", "batch", "output", "max |diff|", "mean |diff|", "median |diff|", "max rel", "outside tol"):
-        table.add_column(name, justify="left" if name in ("provider", "status", "output") else "right")
-    for result in record.providers:
-        if not result.diffs:
-            table.add_row(result.provider, result.status, "-", "-", "-", "-", "-", "-", "see below")
-            continue
-        for d in result.diffs:
-            table.add_row(
-                result.provider,
-                "pass" if d.passed else "fail",
-                str(d.batch_size),
-                d.name,
-                f"{d.max_abs:.2e}",
-                f"{d.mean_abs:.2e}",
-                f"{d.median_abs:.2e}",
-                f"{d.max_rel:.2e}",
-                f"{d.mismatched}/{int(np.prod(d.shape))}",
-            )
-    return table
-
-
-def validation_lines(record: ValidationRecord) -> list[str]:
-    """Notes and top-1 agreement, one line each, to print under the table."""
-    lines = [f"{r.provider} {r.status}: {r.reason}" for r in record.providers if r.status in ("unavailable", "skipped")]
-    lines += [f"note: {note}" for note in record.notes if not note.startswith("auto skipped")]
-    for result in record.providers:
-        a = result.agreement
-        if a:
-            line = f"{result.provider}: top-1 agreement with PyTorch {a['agreement']:.2f}% on {a['images']} images"
-            if "onnx_top1" in a:
-                line += f" (top-1 accuracy: ONNX {a['onnx_top1']:.2f}%, PyTorch {a['torch_top1']:.2f}%)"
-            lines.append(line)
-    return lines

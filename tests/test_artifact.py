@@ -6,7 +6,8 @@ import torch
 
 import dscompress
 from dscompress.artifact import MANIFEST, Artifact, resolve, save_step
-from dscompress.convert import ConvertConfig, convert_artifact
+from dscompress.convert import ConvertConfig
+from dscompress.steps import convert_artifact
 from dscompress.errors import DscompressError
 
 
@@ -20,9 +21,10 @@ def converted(tmp_path):
 def test_manifest_contents(converted):
     source, artifact = converted
     manifest = json.load(open(os.path.join(artifact.path, MANIFEST)))
-    assert manifest["format"] == "dscompress-artifact" and manifest["format_version"] == 1
+    assert manifest["format"] == "dscompress-artifact" and manifest["format_version"] == 2
     assert manifest["model"] == {"name": "resnet18", "num_classes": 10, "input_size": [3, 32, 32], "weights": None, "checkpoint": None, "kwargs": {}}
-    assert [s["step"] for s in manifest["steps"]] == ["convert"]
+    assert manifest["preprocess"]["input_size"] == [3, 32, 32] and manifest["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    assert [(s["step"], s["version"]) for s in manifest["steps"]] == [("convert", 1)]
     assert manifest["steps"][0]["config"]["rank"] == 2
     assert manifest["structure"]["layer1.0.conv1"]["type"] == "DepthwiseSeparableConv2d"
     assert manifest["torch_version"] == torch.__version__ and manifest["dscompress_version"] == dscompress.__version__
@@ -70,9 +72,9 @@ def test_interrupted_save_leaves_nothing_behind(tmp_path, tiny, monkeypatch):
         raise KeyboardInterrupt
 
     source = artifact_module.Source(tiny, dscompress.ModelSpec("conftest:make_tiny", input_size=(3, 16, 16)))
-    monkeypatch.setattr(artifact_module, "write_json_atomic", fail)
+    monkeypatch.setattr(artifact_module, "write_json", fail)
     with pytest.raises(KeyboardInterrupt):
-        save_step(source, str(tmp_path / "out"), tiny, "noop", {}, {})
+        save_step(source, str(tmp_path / "out"), tiny, [])
     assert os.listdir(tmp_path) == []
 
 
@@ -106,6 +108,55 @@ def test_mismatched_weights_are_named(converted, tmp_path):
         dscompress.load(artifact.path)
 
 
+def test_format_1_artifacts_of_dscompress_0_1_still_load(converted):
+    _, artifact = converted
+    manifest = dict(artifact.manifest, format_version=1)
+    del manifest["preprocess"]
+    manifest["steps"] = [{k: v for k, v in step.items() if k != "version"} for step in manifest["steps"]]
+    json.dump(manifest, open(os.path.join(artifact.path, MANIFEST), "w"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dscompress.load(artifact.path)(x), artifact.model()(x))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"format_version": "1"}, "'format_version' should be int, not str"),
+        ({"model": None}, "'model' should be dict, not NoneType"),
+        ({"model": {"num_classes": 10}}, "the model spec has no name"),
+        ({"steps": [42]}, "steps\\[0\\] is not a step entry"),
+        ({"format_version": 0}, "format 0, which this dscompress does not read"),
+    ],
+    ids=["version-as-text", "null-model", "nameless-model", "bad-step", "unknown-version"],
+)
+def test_manifest_schema_is_checked_on_open(converted, change, message):
+    _, artifact = converted
+    json.dump(dict(artifact.manifest, **change), open(os.path.join(artifact.path, MANIFEST), "w"))
+    with pytest.raises(DscompressError, match=message):
+        resolve(artifact.path)
+
+
+def test_damaged_original_is_found_before_any_work(converted):
+    _, artifact = converted
+    original = os.path.join(artifact.path, "original.safetensors")
+    with open(original, "r+b") as f:
+        f.truncate(os.path.getsize(original) // 2)
+    with pytest.raises(DscompressError, match="cannot read .*original.safetensors.*damaged"):
+        resolve(artifact.path)
+
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        source = resolve("resnet18", num_classes=10, input_size=(3, 32, 32))
+        artifact, _ = convert_artifact(source, str(tmp_path / "shared"), ConvertConfig(rank=1))
+    finally:
+        os.umask(old)
+    assert os.stat(artifact.path).st_mode & 0o777 == 0o755
+    assert all(os.stat(os.path.join(artifact.path, f)).st_mode & 0o777 == 0o644 for f in os.listdir(artifact.path))
+
+
 def test_newer_format_is_refused(converted):
     _, artifact = converted
     manifest = dict(artifact.manifest, format_version=99)
@@ -120,3 +171,5 @@ def test_artifact_options_conflict(converted):
         resolve(artifact.path, num_classes=5)
     with pytest.raises(DscompressError, match="drop --weights"):
         resolve(artifact.path, weights="DEFAULT")
+    with pytest.raises(DscompressError, match="made for inputs of 3,32,32; drop --input-size"):
+        resolve(artifact.path, input_size=(3, 64, 64))

@@ -12,6 +12,7 @@ from dscompress.cli import cli
 from dscompress.convert import ConvertConfig, convert
 from dscompress.errors import DscompressError
 from dscompress.export import ExportConfig, export_onnx
+from dscompress.steps import StepContext, run_step
 
 SIZE = (3, 32, 32)
 GPU = torch.cuda.is_available()
@@ -92,7 +93,8 @@ def test_onnx_file_and_artifact_targets(tmp_path):
 
     targets = load_targets([folder, onnx_path], resolve)
     assert [t.label for t in targets] == ["r18", "fixed.onnx"]
-    records = bench(targets, BenchConfig(providers="cpu", exporter="torchscript", threads=1, **FAST))
+    config = BenchConfig(providers="cpu", exporter="torchscript", threads=1, **FAST)
+    records = run_step(None, config, StepContext(targets=[folder, onnx_path])).record.results  # stores into the artifact
     by_key = {(r.target, r.runtime, r.batch_size): r for r in records}
     assert by_key["fixed.onnx", "ort-cpu", 1].status == "skipped"  # its batch is fixed at 2
     check_timings(by_key["fixed.onnx", "ort-cpu", 2], iters=6)
@@ -116,8 +118,9 @@ def test_cli_json(tmp_path):
     args = ["bench", onnx_path, onnx_path, "--providers", "cpu", "--batch-sizes", "1", "--warmup", "1", "--iters", "4", "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    records = json.loads(result.stdout)
-    assert [r["target"] for r in records] == ["m.onnx", "m.onnx#2"]
+    printed = json.loads(result.stdout)
+    records = printed["results"]
+    assert printed["machine"] and [r["target"] for r in records] == ["m.onnx", "m.onnx#2"]
     assert all(r["status"] == "ok" and r["p50_ms"] <= r["p99_ms"] for r in records)
 
 
@@ -137,7 +140,7 @@ def test_headline_prefers_onnx_runtime_at_the_smallest_batch():
         ({"iters": 0}, "iters"),
         ({"warmup": -1}, "warmup"),
         ({"threads": 0}, "threads"),
-        ({"batch_sizes": "0"}, "positive"),
+        ({"batch_sizes": "0"}, "--batch-sizes must be at least 1"),
         ({"providers": "none", "torch": False}, "nothing to time"),
         ({"providers": "npu"}, "unknown provider"),
         ({"exporter": "tf"}, "exporter"),

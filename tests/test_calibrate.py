@@ -10,12 +10,11 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from dscompress.artifact import Artifact, resolve, save, save_step
+from dscompress.artifact import Artifact, resolve, save, save_step, step_entry
 from dscompress.calibrate import (
     CalibrateConfig,
     CalibrationRecord,
     calibrate,
-    calibrate_artifact,
     calibration_batches,
     converted_layers,
     measure,
@@ -29,6 +28,7 @@ from dscompress.errors import DscompressError
 from dscompress.evaluate import accuracy
 from dscompress.layers import DepthwiseSeparableConv2d
 from dscompress.models import ModelSpec, build_model
+from dscompress.steps import calibrate_artifact
 
 INPUT_SIZE = (3, 32, 32)
 R18 = ["--num-classes", "10", "--input-size", "3,32,32"]
@@ -233,11 +233,11 @@ def test_pruned_layer_is_skipped(trained, images):
 def test_cli_convert_with_calibrate_saves_both_steps(tmp_path):
     out = tmp_path / "r18"
     result = CliRunner().invoke(
-        cli, ["convert", "resnet18", *R18, "-o", str(out), "--calibrate", "digits", "--calib-batches", "2", "--json"]
+        cli, ["convert", "resnet18", *R18, "-o", str(out), "--calibrate", "digits", "--calibrate-batches", "2", "--json"]
     )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
-    record = CalibrationRecord.from_dict(printed["calibration"])
+    record = CalibrationRecord.from_dict(printed["calibrate"])
     assert record.images == 64 and record.order == ["refit", "bn"] and record.bn_layers == 20
     assert [layer.name for layer in record.layers] == [layer["name"] for layer in printed["layers"]]
     assert len(record.layers) == 16  # every 3x3 conv of layer1..layer4; not the stem
@@ -287,9 +287,9 @@ def test_cli_calibrate_an_artifact(tmp_path):
         (["calibrate", "resnet18", "--data", "digits", "-o", "{tmp}/x"], "convert"),
         (["calibrate", "{tmp}/nothing", "--data", "digits", "-o", "{tmp}/x"], "not an artifact"),
         (["calibrate", "{conv}", "--data", "nosuch", "-o", "{tmp}/x"], "unknown dataset"),
-        (["calibrate", "{conv}", "--data", "digits", "-o", "{tmp}/x", "--batch-size", "1"], "at least 2 images"),
+        (["calibrate", "{conv}", "--data", "digits", "-o", "{tmp}/x", "--batch-size", "1"], "--batch-size must be at least 2"),
         (["calibrate", "{plain}", "--data", "digits", "-o", "{tmp}/x"], "no original"),
-        (["convert", "resnet18", *R18, "-o", "{tmp}/x", "--calib-batches", "4"], "--calibrate"),
+        (["convert", "resnet18", *R18, "-o", "{tmp}/x", "--calibrate-batches", "4"], "--calibrate-batches needs --calibrate SPEC"),
         (["convert", "resnet18", "--num-classes", "5", "--input-size", "3,32,32", "-o", "{tmp}/x", "--calibrate", "digits"], "10 classes"),
     ],
     ids=["torchvision-name", "missing-folder", "bad-data", "batch-of-one", "artifact-without-original", "batches-alone", "class-count"],
@@ -303,7 +303,7 @@ def test_cli_bad_inputs_fail_in_one_line(tmp_path, args, message):
     if "{conv}" in args:
         model, record = convert(build_model(spec), INPUT_SIZE, ConvertConfig(rank=1, include=["layer4.*"]))
         source = resolve("resnet18", num_classes=10, input_size=INPUT_SIZE)
-        save_step(source, str(conv), model, "convert", {}, record.to_dict())
+        save_step(source, str(conv), model, [step_entry(ConvertConfig(rank=1, include=["layer4.*"]), record)])
     args = [a.format(tmp=tmp_path, conv=conv, plain=tmp_path / "plain") for a in args]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2, result.output
@@ -315,6 +315,6 @@ def test_cli_bad_inputs_fail_in_one_line(tmp_path, args, message):
 def test_calibrate_artifact_refuses_a_model_with_other_classes(tmp_path):
     source = resolve("resnet18", num_classes=5, input_size=INPUT_SIZE)
     model, record = convert(source.model, INPUT_SIZE, ConvertConfig(rank=1, include=["layer4.*"]))
-    save_step(source, str(tmp_path / "five"), model, "convert", {}, record.to_dict())
+    save_step(source, str(tmp_path / "five"), model, [step_entry(ConvertConfig(rank=1, include=["layer4.*"]), record)])
     with pytest.raises(DscompressError, match="5 outputs"):
         calibrate_artifact(resolve(str(tmp_path / "five")), str(tmp_path / "x"), CalibrateConfig(data="digits"))

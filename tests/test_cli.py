@@ -19,12 +19,12 @@ def test_convert_prints_table_and_totals(tmp_path):
     result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "-o", out)
     assert result.exit_code == 0, result.output
     assert "layer1.0.conv1" in result.output and "fit error" in result.output
-    assert "params: 11.18M -> " in result.output and "MACs:" in result.output and "fewer" in result.output
+    assert "params: 11.18M -> 1.45M (0.13x of the original)" in result.output and "MACs:   37.02M -> 6.87M (0.19x" in result.output
     assert (out / "manifest.json").exists()
 
 
 def test_convert_json(tmp_path):
-    result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "32", "--rank", "full", "--json", "-o", tmp_path / "a")
+    result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--rank", "full", "--json", "-o", tmp_path / "a")
     assert result.exit_code == 0
     data = json.loads(result.output)
     for key in ("params_before", "params_after", "macs_before", "macs_after", "layers", "skipped"):
@@ -35,7 +35,7 @@ def test_convert_json(tmp_path):
 
 def test_convert_energy_budget_and_dilation_options(tmp_path):
     for i, extra in enumerate([["--energy", "0.5"], ["--macs-budget", "0.25"], ["--dilation", "rf"], ["--dilation", "2", "--include", "layer4"]]):
-        result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "32", "--json", "-o", tmp_path / str(i), *extra)
+        result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--json", "-o", tmp_path / str(i), *extra)
         assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert {layer["name"] for layer in data["layers"]} == {"layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"}
@@ -49,7 +49,7 @@ def test_convert_energy_budget_and_dilation_options(tmp_path):
         (["convert", "resnet18", "--rank", "two", "-o", "x"], "rank must be"),
         (["convert", "resnet18", "--input-size", "3,abc", "-o", "x"], "--input-size"),
         (["convert", "resnet18", "--checkpoint", "/nonexistent.pt", "-o", "x"], "does not exist"),
-        (["convert", "/nonexistent-dir/", "-o", "x"], "unknown model"),
+        (["convert", "/nonexistent-dir/", "-o", "x"], "is not an artifact folder (no such folder)"),
         (["report", "/nonexistent"], "does not exist"),
     ],
 )
@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
 
 def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "r18"
-    args = ["convert", "resnet18", "--num-classes", "10", "--input-size", "32", "-o", out]
+    args = ["convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "-o", out]
     assert run(*args).exit_code == 0
     again = CliRunner().invoke(cli, [str(a) for a in args])
     assert again.exit_code == 2 and "already exists" in again.output
@@ -73,7 +73,7 @@ def test_existing_output_needs_force(tmp_path):
 
 def test_report_compares_artifacts(tmp_path):
     for rank in (1, 2):
-        run("convert", "resnet18", "--num-classes", "10", "--input-size", "32", "--rank", rank, "-o", tmp_path / f"rank{rank}")
+        run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--rank", rank, "-o", tmp_path / f"rank{rank}")
     table = run("report", tmp_path / "rank1", tmp_path / "rank2")
     assert table.exit_code == 0 and "rank1" in table.output and "rank2" in table.output
     rows = json.loads(run("report", tmp_path, "--json").output)  # a folder of artifacts

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dscompress
-from dscompress.convert import ConvertConfig, convert, matches
+from dscompress.convert import ConvertConfig, convert, convert_
 from dscompress.errors import DscompressError
 from dscompress.layers import DepthwiseSeparableConv2d
 
@@ -129,11 +129,16 @@ def test_include_exclude_patterns(tiny):
         convert(tiny, (3, 16, 16), ConvertConfig(include=["layer9.*"]))
 
 
-def test_patterns_match_parents():
-    assert matches("layer4.0.conv1", "layer4")
-    assert matches("layer4.0.conv1", "layer4.*")
-    assert matches("layer4.0.conv1", "re:layer[34]")
-    assert not matches("layer14.0.conv1", "layer4")
+def test_in_place_conversion_and_filter_fn(tiny):
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = tiny(x)
+    record = convert_(tiny, (3, 16, 16), ConvertConfig(rank="full"), filter_fn=lambda module, fqn: fqn != "conv2")
+    assert [layer.name for layer in record.layers] == ["conv1"]
+    assert {"name": "conv2", "reason": "left out by filter_fn"} in record.skipped
+    assert isinstance(tiny.conv1, DepthwiseSeparableConv2d) and type(tiny.conv2) is nn.Conv2d  # the model itself changed
+    with torch.no_grad():
+        assert relative_diff(tiny(x), expected) < 1e-4
 
 
 class SharedAndFunctional(nn.Module):
@@ -192,7 +197,7 @@ def test_untraceable_model_gives_clear_error_or_falls_back():
 
 
 def test_wrong_input_size_is_a_clear_error(tiny):
-    with pytest.raises(DscompressError, match="does not run on inputs of size 1,16,16.*--input-size"):
+    with pytest.raises(DscompressError, match="does not run on inputs of size 1,16,16: .*to have 3 channels, but got 1 channels.*--input-size"):
         convert(tiny, (1, 16, 16))
 
 

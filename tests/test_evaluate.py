@@ -1,10 +1,13 @@
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from dscompress.artifact import Artifact, resolve
 from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert_artifact
+from dscompress.convert import ConvertConfig
+from dscompress.steps import convert_artifact
 from dscompress.data import load_dataset, make_loader
 from dscompress.evaluate import accuracy, evaluate
 
@@ -39,12 +42,15 @@ def test_evaluate_stores_metrics_in_artifact(tmp_path):
     artifact, _ = convert_artifact(source, str(tmp_path / "a"), ConvertConfig(rank=1))
     result = CliRunner().invoke(cli, ["evaluate", artifact.path, "--data", "digits", "--json"])
     assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
     metrics = Artifact.open(artifact.path).metrics
-    assert metrics["eval_images"] == 360 and 0 <= metrics["top1"] <= 100
+    expected = evaluate(artifact.model(), "digits", (3, 16, 16))
+    assert metrics["eval_images"] == printed["images"] == expected.images == 360
+    assert metrics["top1"] == printed["top1"] == expected.top1 and metrics["top5"] == expected.top5
     assert evaluate(source.model, "digits", (3, 16, 16)).images == 360
 
 
 def test_evaluate_class_mismatch_is_one_line():
-    result = CliRunner().invoke(cli, ["evaluate", "resnet18", "--input-size", "16", "--data", "digits"])
+    result = CliRunner().invoke(cli, ["evaluate", "resnet18", "--input-size", "3,16,16", "--data", "digits"])
     assert result.exit_code == 2
     assert "digits has 10 classes but the model has 1000 outputs" in result.output

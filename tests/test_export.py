@@ -15,7 +15,8 @@ from torch import nn
 from dscompress import export as exporting
 from dscompress.artifact import Artifact
 from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert, convert_artifact
+from dscompress.convert import ConvertConfig, convert
+from dscompress.steps import convert_artifact
 from dscompress.errors import DscompressError
 from dscompress.export import ExportConfig, ExportWarning, explicit_same_pads, export_onnx, same_pad_dilation_nodes
 from dscompress.models import ModelSpec

@@ -8,7 +8,11 @@ from click.testing import CliRunner
 
 from dscompress import recipe
 from dscompress.cli import cli
+from dscompress._util import Progress
+from dscompress.artifact import resolve
 from dscompress.pipeline import run
+from dscompress.steps import finetune_artifact, work_folder
+from dscompress.train import FinetuneConfig
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
 TINY = [
@@ -103,17 +107,18 @@ def test_interrupted_run_continues_and_changed_config_reruns_the_rest(tmp_path):
     assert all(s.status == "done" for s in result.steps)  # the first step changed: everything reruns
 
 
-def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
-    from dscompress.artifact import resolve
-    from dscompress.train import FinetuneConfig, finetune_artifact, work_folder
+class CtrlCAfterAnEpoch(Progress):
+    """Ctrl-C as the first epoch's line is printed (after its checkpoint is written)."""
 
-    def stop(epoch, record):
+    def line(self, text):
         raise KeyboardInterrupt
 
+
+def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     source = resolve("resnet18", num_classes=10, input_size=(3, 8, 8))
     config = FinetuneConfig(data="digits", teacher="none", epochs=2, lr=0.05)
     with pytest.raises(KeyboardInterrupt):
-        finetune_artifact(source, str(tmp_path / "baseline"), config, on_epoch_end=stop)
+        finetune_artifact(source, str(tmp_path / "baseline"), config, progress=CtrlCAfterAnEpoch())
     assert os.path.isdir(work_folder(str(tmp_path / "baseline")))
     lines = []
     trimmed = recipe.parse(SMALL.split("  - convert")[0].replace("epochs: 1", "epochs: 2"), "small.yaml")

@@ -10,13 +10,16 @@ from click.testing import CliRunner
 from torch import nn
 
 import dscompress
-from dscompress.artifact import Source, save_step
+from dscompress.artifact import Source, save_step, step_entry
 from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert, convert_artifact
+from dscompress.convert import ConvertConfig, convert
+from dscompress.steps import convert_artifact
 from dscompress.errors import DscompressError
 from dscompress.layers import DepthwiseSeparableConv2d
 from dscompress.models import ModelSpec, build_model
-from dscompress.prune import DS_PRUNER, PruneConfig, output_layers, prune, prune_artifact
+from dscompress.prune import PruneConfig, output_layers, prune
+from dscompress.prune_tp import DS_PRUNER
+from dscompress.steps import prune_artifact
 
 INPUT = (3, 32, 32)
 
@@ -214,7 +217,7 @@ def case(request, tmp_path_factory):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     pruned, record = prune(model, INPUT, PruneConfig(ratio=RATIO))
     out = str(tmp_path_factory.mktemp(request.param) / "pruned")
-    save_step(Source(model, spec), out, pruned, "prune", PruneConfig(ratio=RATIO).to_dict(), record.to_dict())
+    save_step(Source(model, spec), out, pruned, [step_entry(PruneConfig(ratio=RATIO), record)])
     return {"name": request.param, "model": model, "state": state, "pruned": pruned, "record": record, "out": out, "rank": rank}
 
 

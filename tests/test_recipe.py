@@ -27,7 +27,7 @@ def test_parse_normalises_names_and_defaults():
     parsed = recipe.parse(GOOD, "good.yaml")
     assert [s.name for s in parsed.steps] == ["baseline", "02-convert", "03-export"]
     assert parsed.steps[1].options == {"macs_budget": 0.25}
-    config = recipe.step_config(parsed.steps[0], parsed.data)
+    config = parsed.config(parsed.steps[0])
     assert (config.data, config.teacher, config.epochs) == ("digits", "none", 1)
 
 
@@ -35,11 +35,11 @@ def test_parse_normalises_names_and_defaults():
     "text,message",
     [
         (GOOD.replace("macs-budget: 0.25", "rnak: 1"), "good.yaml:6: steps[1].convert.rnak: unknown option (known: rank, energy, macs-budget"),
-        (GOOD.replace("epochs: 1", "epochs: five"), "good.yaml:5: steps[0].finetune.epochs: expected int, got str 'five'"),
+        (GOOD.replace("epochs: 1", "epochs: five"), "good.yaml:5: steps[0].finetune.epochs: must be an integer, got 'five'"),
         (GOOD.replace("model: {name: resnet18, ", "model: {"), "good.yaml:2: model: missing required key 'name'"),
         (GOOD.replace("- export: {}", "- quantize: {}"), "good.yaml:7: steps[2].quantize: unknown step"),
         (GOOD.replace("data: digits", "datta: digits"), "good.yaml:3: datta: unknown key"),
-        (GOOD.replace("macs-budget: 0.25", "macs-budget: 1.5"), "good.yaml:6: steps.02-convert: macs_budget must be in (0, 1]"),
+        (GOOD.replace("macs-budget: 0.25", "macs-budget: 1.5"), "good.yaml:6: steps[1].convert.macs-budget: must be in (0, 1], got 1.5"),
         (GOOD.replace("  - convert: {macs-budget: 0.25}\n", "  - convert: {rank: 1}\n  - validate: {}\n").replace("  - export: {}\n", ""), "good.yaml:7: steps[2].validate: validate needs an export step before it"),
         ("steps: [", "good.yaml:1: not valid YAML"),
         ("model: {name: resnet18}\n", "good.yaml:1: steps: missing"),

@@ -20,19 +20,15 @@ from torch.utils.data import Dataset
 
 from dscompress.artifact import Artifact, load, resolve
 from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert_artifact
+from dscompress.convert import ConvertConfig
+from dscompress.steps import convert_artifact
 from dscompress.data import load_dataset
 from dscompress.errors import DscompressError
 from dscompress.evaluate import evaluate
-from dscompress.train import (
-    FinetuneConfig,
-    FinetuneInterrupted,
-    checkpoint_path,
-    distillation_loss,
-    finetune,
-    read_checkpoint,
-    work_folder,
-)
+from dscompress.checkpoint import checkpoint_path, read_checkpoint
+from dscompress.distill import distillation_loss
+from dscompress.steps import work_folder
+from dscompress.train import FinetuneConfig, FinetuneInterrupted, finetune
 
 SIZE = "3,16,16"
 MODEL = "test_train:small_net"
@@ -116,13 +112,13 @@ def test_config_defaults_follow_the_optimizer_and_round_trip():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"epochs": 0}, "epochs must be a positive integer"),
-        ({"lr": -1.0}, "learning rate"),
-        ({"alpha": 1.5}, "alpha"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
-        ({"schedule": "step"}, "schedule must be one of"),
-        ({"label_smoothing": 1.0}, "label smoothing"),
+        ({"epochs": 0}, "--epochs must be at least 1, got 0"),
+        ({"lr": -1.0}, "--lr must be greater than 0"),
+        ({"alpha": 1.5}, "--alpha must be in \\[0, 1\\]"),
+        ({"temperature": 0.0}, "--temperature must be greater than 0"),
+        ({"optimizer": "lbfgs"}, "--optimizer must be one of sgd, adamw"),
+        ({"schedule": "step"}, "--schedule must be one of"),
+        ({"label_smoothing": 1.0}, "--label-smoothing must be in \\[0, 1\\)"),
         ({"data": "svhn"}, "unknown dataset"),
     ],
     ids=["epochs", "lr", "alpha", "temperature", "optimizer", "schedule", "smoothing", "data"],
@@ -308,7 +304,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(baseline, workd
         (["{base}", "--data", "digits", "--resume", "-o", "{work}/x"], "no checkpoint to resume from"),
         (["{base}", "--data", "digits", "-o", "{base}"], "already exists"),
         ([MODEL, "--num-classes", "10", "--input-size", SIZE, "--data", "digits", "-o", "{work}/x"], "--teacher none"),
-        (["{base}", "--data", "digits", "--alpha", "2", "-o", "{work}/x"], "alpha"),
+        (["{base}", "--data", "digits", "--alpha", "2", "-o", "{work}/x"], "--alpha must be in [0, 1], got 2.0"),
         (["{base}", "--data", "digits", "--amp", "fp16", "--device", "cpu", "-o", "{work}/x"], "needs a CUDA device"),
     ],
     ids=["missing-data", "class-mismatch", "resume-nothing", "output-exists", "plain-model-teacher", "alpha", "amp-on-cpu"],

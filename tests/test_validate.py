@@ -13,14 +13,8 @@ from torch import nn
 from dscompress.cli import cli
 from dscompress.errors import DscompressError
 from dscompress.export import ExportConfig, export_onnx
-from dscompress.validate import (
-    ValidateConfig,
-    compare_outputs,
-    open_session,
-    parse_providers,
-    top1_agreement,
-    validate_onnx,
-)
+from dscompress.ort import open_session, parse_providers
+from dscompress.validate import ValidateConfig, compare_outputs, top1_agreement, validate_onnx
 
 SIZE = (3, 32, 32)
 GPU = torch.cuda.is_available()
@@ -190,9 +184,9 @@ def test_model_mode_is_restored(exported):
         ({"providers": "cpu,gpu"}, "unknown provider 'gpu'"),
         ({"providers": "auto,cpu"}, "give it alone"),
         ({"providers": ""}, "at least one provider"),
-        ({"batch_sizes": "1,0"}, "positive integers"),
-        ({"batch_sizes": "one"}, "positive integers"),
-        ({"atol": -1.0}, "atol"),
+        ({"batch_sizes": "1,0"}, "--batch-sizes must be at least 1, got 0"),
+        ({"batch_sizes": "one"}, "--batch-sizes must be an integer, got .one."),
+        ({"atol": -1.0}, "--atol must be at least 0"),
     ],
 )
 def test_bad_config(kwargs, message):

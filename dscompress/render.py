@@ -1,0 +1,311 @@
+"""Showing records: one renderer per record type, and progress on the console.
+
+``render(record)`` returns what the CLI prints for a step's record: rich tables and lines, from
+the renderer registered for the record's type with :func:`renders`. ``--json`` prints
+``record.to_dict()`` instead. Ratios follow one convention everywhere: ``this / reference``
+(``0.25x`` is a quarter of the reference), with the reference named in the table's title.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dscompress._util import Progress as ProgressBase
+from dscompress._util import human
+from dscompress.bench import BenchResults
+from dscompress.calibrate import CalibrationRecord
+from dscompress.config import Record
+from dscompress.convert import ConversionRecord
+from dscompress.evaluate import EvalRecord
+from dscompress.export import ExportRecord
+from dscompress.prune import PruneRecord
+from dscompress.train import FinetuneRecord
+from dscompress.validate import ValidationRecord
+
+Renderer = Callable[[Record], list]
+RENDERERS: dict[type, Renderer] = {}
+
+
+def renders(record_type: type):
+    """Register the decorated function as the renderer of ``record_type``."""
+
+    def register(renderer: Renderer) -> Renderer:
+        RENDERERS[record_type] = renderer
+        return renderer
+
+    return register
+
+
+def render(record: Record) -> list:
+    """Rich tables and lines that show ``record`` (its type's registered renderer)."""
+    for cls in type(record).__mro__:
+        if cls in RENDERERS:
+            return RENDERERS[cls](record)
+    raise TypeError(f"no renderer is registered for {type(record).__name__}")
+
+
+def ratio(after: float, before: float) -> str:
+    """``after / before`` as ``0.25x``."""
+    return f"{after / before:.2f}x" if before else "-"
+
+
+def table(title: str, columns: list[str], left: tuple[str, ...] = ()) -> Table:
+    """A table whose named columns are left-aligned and the rest right-aligned; names are never cut."""
+    result = Table(title=title)
+    for name in columns:
+        result.add_column(name, justify="left" if name in left else "right", overflow="fold")
+    return result
+
+
+# --- one renderer per record --------------------------------------------------------------------
+
+
+def _dims(values: list[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else str(values)
+
+
+@renders(ConversionRecord)
+def _conversion(record: ConversionRecord) -> list:
+    shown = table(f"converted {len(record.layers)} conv layers (traced with {record.trace})",
+                  ["layer", "kernel", "dilation", "rank", "params", "MACs", "fit error"], left=("layer",))
+    for layer in record.layers:
+        kernel = "x".join(map(str, layer.kernel_before))
+        if layer.kernel_after != layer.kernel_before:
+            kernel += " -> " + "x".join(map(str, layer.kernel_after))
+        dilation = _dims(layer.dilation_before)
+        if layer.dilation_after != layer.dilation_before:
+            dilation += " -> " + _dims(layer.dilation_after)
+        shown.add_row(layer.name, kernel, dilation, f"{layer.rank}/{layer.full_rank}",
+                      f"{human(layer.params_before)} -> {human(layer.params_after)}",
+                      f"{human(layer.macs_before)} -> {human(layer.macs_after)}", f"{layer.fit_error:.4f}")
+    lines = [
+        f"params: {human(record.params_before)} -> {human(record.params_after)} ({ratio(record.params_after, record.params_before)} of the original)",
+        f"MACs:   {human(record.macs_before)} -> {human(record.macs_after)} ({ratio(record.macs_after, record.macs_before)} of the original)",
+    ]
+    if record.layers:
+        lines.append(
+            f"converted layers' MACs: {human(record.converted_macs_before)} -> {human(record.converted_macs_after)} "
+            f"({ratio(record.converted_macs_after, record.converted_macs_before)})"
+        )
+    if record.skipped:
+        reasons: dict[str, list[str]] = {}
+        for s in record.skipped:
+            reasons.setdefault(s["reason"], []).append(s["name"])
+        lines.append("skipped: " + "; ".join(f"{', '.join(n[:3])}{' ...' if len(n) > 3 else ''} ({r})" for r, n in reasons.items()))
+    if record.trace_note:
+        lines.append(f"note: {record.trace_note}")
+    return [shown, *lines]
+
+
+@renders(CalibrationRecord)
+def _calibration(record: CalibrationRecord) -> list:
+    shown = table(f"calibrated {len(record.layers)} layers on {record.images} images ({' then '.join(record.order)}); change = after / before - 1",
+                  ["layer", "error before", "error after", "change"], left=("layer",))
+    for layer in record.layers:
+        change = f"{layer.error_after / layer.error_before - 1:+.1%}" if layer.error_before else "-"
+        shown.add_row(layer.name, f"{layer.error_before:.4f}", f"{layer.error_after:.4f}", change)
+    lines = []
+    if record.output_error_before is not None:
+        lines.append(f"output error vs the original: {record.output_error_before:.4f} -> {record.output_error_after:.4f}")
+    if record.agreement_before is not None:
+        lines.append(f"same top-1 class as the original: {record.agreement_before:.1f}% -> {record.agreement_after:.1f}% of images")
+    if record.config.get("bn"):
+        lines.append(f"BatchNorm statistics re-estimated in {record.bn_layers} layers" if record.bn_reestimated else "no BatchNorm layers to re-estimate")
+    worse = [layer.name for layer in record.layers if layer.error_after > layer.error_before]
+    if worse and record.bn_reestimated:
+        lines.append(
+            f"{len(worse)} layers moved away from the original: if it was not trained on this data, its BatchNorm "
+            "statistics do not describe it; calibrate with --no-bn"
+        )
+    if record.skipped:
+        lines.append("skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in record.skipped))
+    lines.append(f"took {record.seconds:.1f}s")
+    return [shown, *lines]
+
+
+@renders(PruneRecord)
+def _prune(record: PruneRecord) -> list:
+    layers = [layer for layer in record.layers if layer.type not in ("BatchNorm2d", "BatchNorm1d", "LayerNorm")]
+    changed = sum(layer.changed for layer in layers)
+    how = "globally" if record.config["global_pruning"] else "per layer"
+    shown = table(f"pruned {changed} of {len(layers)} layers ({record.config['importance']}, ratio {record.config['ratio']} {how})",
+                  ["layer", "type", "in", "out", "params", "MACs"], left=("layer", "type"))
+    for layer in layers:
+        groups = f" g{layer.groups_after}" if layer.groups_after and layer.groups_after > 1 else ""
+        kind = layer.type + (f" r{layer.rank}" if layer.rank else "") + groups
+        shown.add_row(
+            layer.name, kind,
+            f"{layer.in_before} -> {layer.in_after}" if layer.in_after != layer.in_before else str(layer.in_before),
+            f"{layer.out_before} -> {layer.out_after}" if layer.out_after != layer.out_before else str(layer.out_before),
+            f"{human(layer.params_before)} -> {human(layer.params_after)}",
+            f"{human(layer.macs_before)} -> {human(layer.macs_after)}",
+        )
+    return [
+        shown,
+        f"params: {human(record.params_before)} -> {human(record.params_after)} ({ratio(record.params_after, record.params_before)}); "
+        f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({ratio(record.macs_after, record.macs_before)})",
+        "outputs kept: " + ", ".join(f"{k['name']} ({k['reason']})" for k in record.kept),
+    ]
+
+
+@renders(FinetuneRecord)
+def _finetune(record: FinetuneRecord) -> list:
+    how = f"distilled from {record.teacher}" if record.teacher else "trained on labels"
+    validation = record.val_images > 0
+    columns = ["epoch", "lr", "train loss", "train top-1"] + (["val top-1"] if validation else []) + ["test top-1", "test top-5", "img/s", "seconds"]
+    shown = table(f"fine-tuned for {len(record.epochs)} epochs, {how} ({record.device}, {record.precision})", columns)
+    for e in record.epochs:
+        mark = " *" if e.epoch == record.kept_epoch else ""
+        val = [f"{e.val_top1:.2f}"] if validation else []
+        shown.add_row(f"{e.epoch}{mark}", f"{e.lr:.3g}", f"{e.train_loss:.4f}", f"{e.train_top1:.2f}", *val,
+                      f"{e.test_top1:.2f}", f"{e.test_top5:.2f}", f"{e.images_per_s:,.0f}", f"{e.seconds:.1f}")
+    chosen = f"best on {record.val_images} held-out training images" if validation else "the last"
+    lines = [f"test top-1: {record.start_top1:.2f}% before -> {record.top1:.2f}% (epoch {record.kept_epoch}, {chosen}; * above)"]
+    if record.teacher_top1 is not None:
+        lines.append(f"teacher top-1: {record.teacher_top1:.2f}%")
+    extra = f", resumed after epoch {', '.join(map(str, record.resumed_at))}" if record.resumed_at else ""
+    lines.append(f"took {record.seconds:.1f}s on {record.world_size} process(es){extra}")
+    return [shown, *lines]
+
+
+@renders(EvalRecord)
+def _evaluation(record: EvalRecord) -> list:
+    return [f"{record.data} ({record.images} test images): top-1 {record.top1:.2f}%  top-5 {record.top5:.2f}%"]
+
+
+@renders(ValidationRecord)
+def _validation(record: ValidationRecord, title: str | None = None) -> list:
+    shown = table(title or f"ONNX Runtime vs PyTorch: {record.status} ({record.precision}, atol {record.atol:g}, rtol {record.rtol:g})",
+                  ["provider", "status", "batch", "output", "max |diff|", "mean |diff|", "median |diff|", "max rel", "outside tol"],
+                  left=("provider", "status", "output"))
+    for result in record.providers:
+        for d in result.diffs:
+            size = 1
+            for v in d.shape:
+                size *= v
+            shown.add_row(result.provider, "pass" if d.passed else "fail", str(d.batch_size), d.name, f"{d.max_abs:.2e}",
+                          f"{d.mean_abs:.2e}", f"{d.median_abs:.2e}", f"{d.max_rel:.2e}", f"{d.mismatched}/{size}")
+    lines = []
+    unusable = [r for r in record.providers if r.status in ("unavailable", "skipped")]
+    asked = [r for r in unusable if r.status == "unavailable"]
+    lines += [f"{r.provider} unavailable: {r.reason}" for r in asked]
+    skipped = [r.provider for r in unusable if r.status == "skipped"]
+    if skipped:
+        lines.append(f"auto: {', '.join(skipped)} cannot run here (the --json record has each reason)")
+    lines += [f"note: {note}" for note in record.notes if not note.startswith("auto skipped")]
+    for result in record.providers:
+        a = result.agreement
+        if a:
+            line = f"{result.provider}: top-1 agreement with PyTorch {a['agreement']:.2f}% on {a['images']} images"
+            if "onnx_top1" in a:
+                line += f" (top-1 accuracy: ONNX {a['onnx_top1']:.2f}%, PyTorch {a['torch_top1']:.2f}%)"
+            lines.append(line)
+    return [shown, *lines]
+
+
+@renders(ExportRecord)
+def _export(record: ExportRecord) -> list:
+    shape = "x".join(str(v) for v in record.input_shape)
+    lines = [
+        f"wrote {record.path}: {record.size_bytes / 1e6:.2f} MB, {record.nodes} nodes, opset {record.opset}, "
+        f"exporter {record.exporter}, input {shape}, {record.precision}"
+    ]
+    if record.kept_aside:
+        lines.append(f"not validated, so kept beside the requested {record.requested_path} (which is left as it was)")
+    if record.external_data:
+        lines.append(f"weights in {record.external_data} beside it (over 2 GB)")
+    if record.fallback_reason:
+        lines.append(f"torch.export failed ({record.fallback_reason}); used the TorchScript exporter")
+    if record.same_pad_fixed:
+        lines.append(f"rewrote {len(record.same_pad_fixed)} SAME-padded dilated Conv node(s) to explicit pads")
+    if record.same_pad_dilation:
+        lines.append(f"warning: ONNX Runtime will reject {len(record.same_pad_dilation)} SAME-padded dilated Conv node(s): {', '.join(record.same_pad_dilation[:3])}")
+    if record.unsimplified_path:
+        lines.append(f"onnxslim: {record.nodes_unsimplified} -> {record.nodes} nodes; unsimplified graph kept at {record.unsimplified_path}")
+    if record.validation_status == "not run":
+        lines.append("not validated (--no-validate)")
+    out = list(lines)
+    for label, validation in record.validations():
+        title = f"{'before onnxslim: ' if label == 'unsimplified' else ''}ONNX Runtime vs PyTorch: {validation.status}"
+        out += _validation(validation, title=title)
+    return out
+
+
+@renders(BenchResults)
+def _bench(results: BenchResults) -> list:
+    records = results.results
+    first: dict[tuple[str, int], float] = {}
+    for r in records:
+        if r.status == "ok":
+            first.setdefault((r.runtime, r.batch_size), r.p50_ms)
+    shown = table("latency per batch (ms) and throughput; vs first = this p50 / the first model's (same runtime and batch)",
+                  ["model", "runtime", "batch", "p50", "p90", "p99", "images/s", "vs first"], left=("model", "runtime"))
+    for r in sorted(records, key=lambda r: (r.batch_size, r.runtime)):
+        if r.status != "ok":
+            continue
+        shown.add_row(r.target, r.runtime, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+                      f"{r.images_per_s:,.1f}", ratio(r.p50_ms, first[r.runtime, r.batch_size]))
+    lines = []
+    unusable = sorted({(r.runtime, r.status, r.reason) for r in records if r.status != "ok"})
+    skipped = sorted({runtime for runtime, status, _ in unusable if status == "skipped" and "fixed batch" not in _})
+    if skipped:
+        lines.append(f"auto: {', '.join(skipped)} cannot run here (the --json records have each reason)")
+    lines += [f"{runtime} {status}: {reason}" for runtime, status, reason in unusable if status != "skipped" or "fixed batch" in reason]
+    threads = next((r.torch_threads or r.ort_threads for r in records if r.status == "ok"), None)
+    lines.append(f"{results.machine}; CPU threads: {threads}")
+    return [shown, *lines]
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+class ConsoleProgress(ProgressBase):
+    """A rich progress bar on a terminal; otherwise a plain line every ``every`` seconds (for logs)."""
+
+    def __init__(self, console: Console | None = None, every: float = 30.0):
+        self.console = console or Console(stderr=True)
+        self.every = every
+        self.bar = self.task = None
+        self.description = ""
+        self.total = self.done = 0
+        self.started = self.last = 0.0
+
+    def start(self, description: str, total: int) -> None:
+        self.description, self.total, self.done = description, total, 0
+        self.started = self.last = time.perf_counter()
+        if self.console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(description, total=total, status="")
+
+    def advance(self, steps: int = 1, status: str = "") -> None:
+        self.done += steps
+        if self.bar is not None:
+            self.bar.update(self.task, advance=steps, status=status)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            left = (self.total - self.done) / rate if rate else 0
+            self.console.print(f"  {self.description}: {self.done}/{self.total} {status} (about {left:.0f}s left)", highlight=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = self.task = None
+
+    def line(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    """The console for results: as wide as the terminal, and never cutting text in files or pipes."""
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=not sys.stdout.isatty())

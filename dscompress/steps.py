@@ -1,0 +1,414 @@
+"""Steps: one registry from a config type to the handler that runs it on a model.
+
+A step is a config class (:class:`~dscompress.config.StepConfig`), a handler registered for it
+with :func:`register_step`, and a renderer for its record (:mod:`dscompress.render`). The command
+line, recipes and the Python API all run steps through :func:`run_step`, which dispatches on the
+config's type; the CLI builds each step's command from its registration.
+
+A handler takes the :class:`~dscompress.artifact.Source` to work on, the config and a
+:class:`StepContext`, and returns a :class:`StepOutput`. Steps that make a model return it, and
+:func:`run_step` saves it as an artifact (one more step entry on the source's); the others
+record what they measured into the source's artifact themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dscompress._util import QUIET, Progress, resolve_device, sha256_file
+from dscompress.artifact import WEIGHTS, Artifact, Source, check_output, resolve, save_step, step_entry
+from dscompress.bench import BenchConfig, BenchRecord, BenchResults, BenchTarget, bench, headline, load_targets, machine
+from dscompress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, calibration_batches
+from dscompress.checkpoint import checkpoint_path
+from dscompress.config import Record, StepConfig
+from dscompress.convert import ConversionRecord, ConvertConfig, convert
+from dscompress.data import check_classes, load_dataset
+from dscompress.distributed import World, barrier, destroy, init_distributed
+from dscompress.errors import DscompressError
+from dscompress.evaluate import EvalRecord, EvaluateConfig, evaluate
+from dscompress.export import ExportConfig, ExportRecord, export_onnx
+from dscompress.models import build_model
+from dscompress.ort import read_onnx
+from dscompress.prune import PruneConfig, PruneRecord, prune
+from dscompress.train import TEACHER_NONE, TEACHER_ORIGINAL, FinetuneConfig, FinetuneRecord, finetune
+from dscompress.validate import ValidateConfig, ValidationRecord, validate_onnx
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides its source and config.
+
+    Attributes:
+        out: the artifact folder (or file, for ``export``) to write; None for steps that write none.
+        force: replace ``out`` if it exists.
+        resume: continue an interrupted run (``finetune``).
+        progress: where long work reports.
+        onnx: the ONNX file to check (``validate``).
+        targets: model names, artifact folders and ONNX files to time side by side (``bench``).
+        load: turns a name or folder into a Source (for teachers and bench targets).
+    """
+
+    out: str | None = None
+    force: bool = False
+    resume: bool = False
+    progress: Progress = QUIET
+    onnx: str | None = None
+    targets: list[str] = field(default_factory=list)
+    load: Callable[[str], Source] = resolve
+
+
+@dataclass
+class StepOutput:
+    """What a step produced.
+
+    Attributes:
+        record: what it did.
+        model: the new model (steps that make one), saved by :func:`run_step`.
+        metrics: measured values to store with the new model.
+        artifact: the artifact written (or, for steps that measure, the one they recorded into).
+        save: False where this process must not write (torchrun ranks other than 0).
+        cleanup: a folder to remove once the artifact is saved (a fine-tune's checkpoints).
+        chained: the records of the steps run after it into the same artifact, by step name.
+        failure: why a check the step ran did not pass (the CLI exits with status 1), or None.
+        is_original: the new model is its own original (a plain model trained from scratch: what
+            is converted from it later distills from it).
+    """
+
+    record: Record
+    model: nn.Module | None = None
+    metrics: dict = field(default_factory=dict)
+    artifact: Artifact | None = None
+    save: bool = True
+    cleanup: str | None = None
+    chained: dict[str, Record] = field(default_factory=dict)
+    failure: str | None = None
+    is_original: bool = False
+
+
+Handler = Callable[[Source, StepConfig, StepContext], StepOutput]
+
+
+@dataclass
+class StepSpec:
+    """A registered step.
+
+    Attributes:
+        config: its config class; ``config.STEP`` is its name.
+        handler: runs it.
+        makes_model: whether it returns a new model to save as an artifact.
+        inputs: what it works on: a ``model`` (name or artifact folder), an ``onnx`` file checked
+            against a model, or several ``models`` side by side.
+        output: what it writes at ``out``: an ``artifact`` folder, a ``file``, or ``none``.
+        resumable: whether an interrupted run can be continued (``--resume``).
+        chains: steps that may follow it in the same command and artifact (``--calibrate SPEC``).
+        summary: one line for ``dscompress --help``.
+    """
+
+    config: type[StepConfig]
+    handler: Handler
+    makes_model: bool
+    inputs: Literal["model", "onnx", "models"]
+    output: Literal["artifact", "file", "none"]
+    resumable: bool
+    chains: tuple[str, ...]
+    summary: str
+
+
+STEPS: dict[str, StepSpec] = {}
+
+
+def register_step(config: type[StepConfig], *, makes_model: bool = True, inputs="model", output=None,
+                  resumable: bool = False, chains: tuple[str, ...] = ()):
+    """Register the decorated function as the handler of ``config``'s step."""
+
+    def register(handler: Handler) -> Handler:
+        summary = (handler.__doc__ or "").strip().splitlines()[0]
+        STEPS[config.STEP] = StepSpec(
+            config, handler, makes_model, inputs, output or ("artifact" if makes_model else "none"), resumable, chains, summary
+        )
+        return handler
+
+    return register
+
+
+def spec_for(config: StepConfig) -> StepSpec:
+    spec = STEPS.get(config.STEP)
+    if spec is None or not isinstance(config, spec.config):
+        raise TypeError(f"no step is registered for {type(config).__name__}")
+    return spec
+
+
+def run_step(source: Source | None, config: StepConfig, context: StepContext | None = None, then: list[StepConfig] = ()) -> StepOutput:
+    """Run the step ``config`` describes on ``source`` (and the ``then`` steps after it, in memory).
+
+    A step that makes a model is saved as an artifact at ``context.out`` holding one step entry
+    per config. Returns the output of the first step; ``chained`` has the records of the others.
+    """
+    context = context or StepContext()
+    spec = spec_for(config)
+    if spec.output in ("artifact", "file"):
+        if not context.out:
+            raise DscompressError(f"{config.STEP} needs an output: give -o PATH")
+        check_output(context.out, context.force)
+    if source is not None and source.artifact is not None:
+        source.artifact.check_files()
+    output = spec.handler(source, config, context)
+    if not spec.makes_model:
+        return output
+    entries = [step_entry(config, output.record)]
+    metrics = dict(output.metrics)
+    current = source.then(output.model, entries[0])
+    for follower in then:
+        result = spec_for(follower).handler(current, follower, context)
+        entries.append(step_entry(follower, result.record))
+        output.chained[follower.STEP] = result.record
+        metrics.update(result.metrics)
+        current = current.then(result.model, entries[-1])
+    model = current.model
+    if output.is_original:
+        source = Source(model, source.spec)
+    if output.save:
+        output.artifact = save_step(source, context.out, model.cpu(), entries, metrics=metrics, force=context.force)
+        if output.cleanup:
+            shutil.rmtree(output.cleanup, ignore_errors=True)
+    return output
+
+
+# --- steps that make a model ---------------------------------------------------------------------
+
+
+@register_step(ConvertConfig, chains=("calibrate",))
+def convert_step(source: Source, config: ConvertConfig, context: StepContext) -> StepOutput:
+    """Replace MODEL's convolutions by fitted depthwise-separable ones and save an artifact."""
+    model, record = convert(source.model, source.spec.input_size, config)
+    return StepOutput(record, model, metrics={"macs": record.macs_after})
+
+
+def calibration_images(source: Source, config: CalibrateConfig) -> list[torch.Tensor]:
+    """The calibration batches for ``source``, after checking they fit its model."""
+    if config.data is None:
+        raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
+    dataset = load_dataset(config.data, source.spec.input_size, split="train")
+    check_classes(dataset, source.model, source.spec.input_size, data_name=config.data)
+    return calibration_batches(config.data, source.spec.input_size, config.batches, config.batch_size, config.seed)
+
+
+@register_step(CalibrateConfig)
+def calibrate_step(source: Source, config: CalibrateConfig, context: StepContext) -> StepOutput:
+    """Refit a converted model to its original on real images, without training."""
+    has_original = (source.artifact is not None and source.artifact.has_original) or source.pending
+    if not has_original:
+        raise DscompressError(
+            f"{source.label!r} has no original model to calibrate against (calibration fits a converted model back to "
+            f"the model it came from); convert it first: dscompress convert {source.label} -o DIR --calibrate DATA"
+        )
+    images = calibration_images(source, config)
+    model, record = calibrate(source.model, source.teacher(), images, config, device=resolve_device(config.device))
+    return StepOutput(record, model.cpu())
+
+
+@register_step(PruneConfig, chains=("calibrate",))
+def prune_step(source: Source, config: PruneConfig, context: StepContext) -> StepOutput:
+    """Remove MODEL's least important channels (Torch-Pruning) and save an artifact."""
+    model, record = prune(source.model, source.spec.input_size, config)
+    return StepOutput(record, model, metrics={"macs": record.macs_after})
+
+
+def work_folder(out: str) -> str:
+    """Where the checkpoints of the fine-tune that writes ``out`` live until the artifact is saved."""
+    return os.path.normpath(out) + ".partial"
+
+
+def _teacher(source: Source, config: FinetuneConfig, load: Callable[[str], Source]) -> tuple[nn.Module | None, str | None]:
+    """The frozen teacher the config names, and a label for it."""
+    if config.teacher == TEACHER_NONE:
+        return None, None
+    if config.teacher == TEACHER_ORIGINAL:
+        if source.artifact is None and not source.pending:
+            raise DscompressError(
+                f"{source.label} is a plain model, so its default teacher would be a copy of itself; "
+                "pass --teacher none to train it on labels (a baseline), or --teacher DIR to distill from a trained artifact"
+            )
+        return source.teacher(), f"{source.label} (original)"
+    other = load(config.teacher)
+    if other.spec.num_classes not in (None, source.spec.num_classes) and source.spec.num_classes is not None:
+        raise DscompressError(f"the teacher {config.teacher} has {other.spec.num_classes} classes, the model {source.spec.num_classes}")
+    teacher = other.model
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval(), other.label
+
+
+@register_step(FinetuneConfig, resumable=True)
+def finetune_step(source: Source, config: FinetuneConfig, context: StepContext) -> StepOutput:
+    """Fine-tune MODEL by distillation from its original (or train it: --teacher none) and save an artifact.
+
+    The artifact's original is the source's original; for a plain model, the trained model
+    itself (a baseline trained here is then the teacher of what is converted from it).
+    Checkpoints live in ``OUT.partial/`` until the artifact is written. Under torchrun only
+    rank 0 writes.
+    """
+    partial = work_folder(context.out)
+    has_checkpoint = os.path.isfile(checkpoint_path(partial))
+    if context.resume and not has_checkpoint:
+        raise DscompressError(f"--resume: no checkpoint to resume from in {partial}; run without --resume to start")
+    if not context.resume and has_checkpoint and not context.force:
+        raise DscompressError(f"{partial} holds an unfinished run of this output; continue it with --resume, or start over with --force")
+    teacher, teacher_label = _teacher(source, config, context.load)
+    model = source.model
+    plain = source.artifact is None and not source.pending
+    if plain:
+        # A plain model starts from its constructor's random init (or loads its weights): build it
+        # again so that the init, too, is a function of the seed and the run can be repeated.
+        torch.manual_seed(config.seed)
+        model = build_model(source.spec)
+    train_data = load_dataset(config.data, source.spec.input_size, split="train")
+    test_data = load_dataset(config.data, source.spec.input_size, split="test")
+    started = init_distributed(config.device)
+    try:
+        world = World.current()
+        if world.writer and not context.resume and os.path.isdir(partial):
+            shutil.rmtree(partial)
+        model, record = finetune(
+            model, teacher, train_data, test_data, config, checkpoint_dir=partial, resume=context.resume,
+            progress=context.progress, teacher_label=teacher_label,
+        )
+        barrier(world)
+    finally:
+        if started:
+            destroy()
+    metrics = {"top1": record.top1, "top5": record.top5, "eval_data": config.data, "eval_images": record.test_images}
+    return StepOutput(record, model.cpu(), metrics=metrics, save=world.writer, cleanup=partial, is_original=plain)
+
+
+# --- steps that measure --------------------------------------------------------------------------
+
+
+@register_step(EvaluateConfig, makes_model=False)
+def evaluate_step(source: Source, config: EvaluateConfig, context: StepContext) -> StepOutput:
+    """Top-1 and top-5 accuracy of MODEL (an artifact records it) on the test split."""
+    if config.data is None:
+        raise DscompressError("evaluate needs a dataset: give --data SPEC (e.g. --data digits)")
+    record = evaluate(source.model, config.data, source.spec.input_size, config.batch_size, config.device, config.workers)
+    if source.artifact is not None:
+        source.artifact.update_metrics(top1=record.top1, top5=record.top5, eval_data=record.data, eval_images=record.images)
+    return StepOutput(record, artifact=source.artifact)
+
+
+@register_step(ExportConfig, makes_model=False, output="file")
+def export_step(source: Source, config: ExportConfig, context: StepContext) -> StepOutput:
+    """Export MODEL to ONNX and validate it on ONNX Runtime.
+
+    The graph's metadata names the artifact by the sha256 of its manifest as it was before this
+    export (recording the export then changes the manifest) and of its weights file.
+    """
+    metadata = {"dscompress.model": source.spec.name}
+    artifact = source.artifact
+    if artifact is not None:
+        metadata["dscompress.artifact_manifest_sha256"] = artifact.manifest_sha256()
+        metadata["dscompress.artifact_weights_sha256"] = sha256_file(os.path.join(artifact.path, WEIGHTS))
+    record = export_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=metadata)
+    if artifact is not None:
+        artifact.update_metrics(onnx=record.summary())
+    failure = None
+    if record.validation_status in ("fail", "unavailable"):
+        failure = f"validation {record.validation_status}: {record.failure()}; the graph is kept at {record.path}, not at {record.requested_path}"
+    return StepOutput(record, artifact=artifact, failure=failure)
+
+
+@register_step(ValidateConfig, makes_model=False, inputs="onnx")
+def validate_step(source: Source, config: ValidateConfig, context: StepContext) -> StepOutput:
+    """Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider."""
+    proto = read_onnx(context.onnx)
+    record = validate_onnx(context.onnx, source.model, source.spec.input_size, config)
+    props = {p.key: p.value for p in proto.metadata_props}
+    stamped = props.get("dscompress.artifact_weights_sha256")
+    if source.artifact is not None and stamped:
+        here = sha256_file(os.path.join(source.artifact.path, WEIGHTS))
+        if here != stamped:
+            record.notes.append(f"the ONNX file was exported from other weights than {source.artifact.path}'s (sha256 {stamped[:12]} vs {here[:12]})")
+    if source.artifact is not None:
+        source.artifact.update_metrics(validation=record.summary())
+    failure = None if record.passed else f"validation {record.status}: {record.failure() or 'no provider ran'}"
+    return StepOutput(record, artifact=source.artifact, failure=failure)
+
+
+@register_step(BenchConfig, makes_model=False, inputs="models")
+def bench_step(source: Source | None, config: BenchConfig, context: StepContext) -> StepOutput:
+    """Latency and throughput of models side by side, on PyTorch and ONNX Runtime."""
+    targets = load_targets(list(context.targets), context.load)
+    records = bench(targets, config)
+    _store_latency(targets, records, config)
+    return StepOutput(BenchResults(machine(), records))
+
+
+def _store_latency(targets: list[BenchTarget], records: list[BenchRecord], config: BenchConfig) -> None:
+    """Each artifact's results go into its metrics, with the machine and what was timed alongside."""
+    labels = [t.label for t in targets]
+    for target in targets:
+        if target.artifact is None:
+            continue
+        results = [{k: v for k, v in r.to_dict().items() if k != "target"} for r in records if r.target == target.label]
+        threads = next((r.torch_threads or r.ort_threads for r in records if r.target == target.label and r.status == "ok"), config.threads)
+        target.artifact.update_metrics(
+            latency={
+                "machine": machine(),
+                "threads": threads,
+                "warmup": config.warmup,
+                "iters": config.iters,
+                "timed_with": [label for label in labels if label != target.label],
+                "headline": headline(results),
+                "results": results,
+            }
+        )
+
+
+# --- the Python API's shorthands -----------------------------------------------------------------
+
+
+def convert_artifact(source: Source, out: str, config: ConvertConfig | None = None, force: bool = False) -> tuple[Artifact, ConversionRecord]:
+    """Convert a :class:`~dscompress.artifact.Source` and save the result as an artifact folder."""
+    output = run_step(source, config or ConvertConfig(), StepContext(out=out, force=force))
+    return output.artifact, output.record
+
+
+def calibrate_artifact(source: Source, out: str, config: CalibrateConfig, force: bool = False) -> tuple[Artifact, CalibrationRecord]:
+    """Calibrate a converted artifact against the original it carries and save the result."""
+    output = run_step(source, config, StepContext(out=out, force=force))
+    return output.artifact, output.record
+
+
+def prune_artifact(source: Source, out: str, config: PruneConfig | None = None, force: bool = False) -> tuple[Artifact, PruneRecord]:
+    """Prune a :class:`~dscompress.artifact.Source` and save the result as an artifact folder."""
+    output = run_step(source, config or PruneConfig(), StepContext(out=out, force=force))
+    return output.artifact, output.record
+
+
+def finetune_artifact(source: Source | str, out: str, config: FinetuneConfig | None = None, force: bool = False,
+                      resume: bool = False, progress: Progress = QUIET) -> tuple[Artifact | None, FinetuneRecord]:
+    """Fine-tune a Source (or a model name or artifact folder) and save an artifact (None on torchrun ranks > 0)."""
+    source = resolve(source) if isinstance(source, str) else source
+    output = run_step(source, config or FinetuneConfig(), StepContext(out=out, force=force, resume=resume, progress=progress))
+    return output.artifact, output.record
+
+
+def export_source(source: Source, path: str, config: ExportConfig | None = None, force: bool = False) -> ExportRecord:
+    """Export a Source to ONNX; for an artifact, record the result in its metrics."""
+    return run_step(source, config or ExportConfig(), StepContext(out=path, force=force)).record
+
+
+def evaluate_source(source: Source, data: str, batch_size: int = 256, device: str = "auto", workers: int = 0) -> EvalRecord:
+    """Evaluate a Source; for an artifact, store the result in its metrics."""
+    return run_step(source, EvaluateConfig(data=data, batch_size=batch_size, device=device, workers=workers)).record
+
+
+def validate_source(onnx_path: str, source: Source, config: ValidateConfig | None = None) -> ValidationRecord:
+    """Validate an ONNX file against a Source; for an artifact, store the result in its metrics."""
+    return run_step(source, config or ValidateConfig(), StepContext(onnx=onnx_path)).record
