@@ -1,3 +1,9 @@
+"""What the tests share: toy models (each defined once here) and fixtures.
+
+The toy models are importable as ``conftest:FACTORY`` (the tests folder is on ``sys.path``), which
+is how the command line names them.
+"""
+
 import pytest
 import torch
 from torch import nn
@@ -28,7 +34,65 @@ class TinyNet(nn.Module):
 
 
 def make_tiny(num_classes: int = 10) -> TinyNet:
-    return TinyNet(num_classes)
+    """A seeded TinyNet in eval mode."""
+    torch.manual_seed(0)
+    return TinyNet(num_classes).eval()
+
+
+class SmallNet(nn.Module):
+    """Three 3x3 conv blocks with BatchNorm, and dropout (so that resuming must restore the RNG)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.head(self.conv2(self.conv1(self.stem(x))))
+
+
+def small_net(num_classes: int = 10) -> SmallNet:
+    return SmallNet(num_classes)
+
+
+class TinyCNN(nn.Module):
+    """Five 3x3 convs (the last with a bias and no BatchNorm), pooled into a linear head."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(
+            block(3, 16, 1),
+            block(16, 32, 2),
+            block(32, 32, 1),
+            block(32, 64, 2),
+            nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, bias=True), nn.ReLU()),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def large_kernel_net(padding: str = "explicit") -> nn.Module:
+    """5x5 and 7x7 convs (``dilation="rf"`` targets) with explicit or ``"same"`` padding."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 5, padding=2 if padding == "explicit" else "same"),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 7, padding=3 if padding == "explicit" else "same"),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
 
 
 @pytest.fixture

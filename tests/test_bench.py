@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from conftest import make_tiny
 from dscompress.bench import BenchConfig, BenchTarget, bench, headline, load_targets
 from dscompress.cli import cli
 from dscompress.convert import ConvertConfig, convert
@@ -19,24 +20,11 @@ GPU = torch.cuda.is_available()
 FAST = {"batch_sizes": [1, 2], "warmup": 1, "iters": 6, "block": 2}
 
 
-def small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     """An original and a converted model, each with its ONNX file (exported once, for speed)."""
     folder = tmp_path_factory.mktemp("bench")
-    original = small_model()
+    original = make_tiny()
     converted, _ = convert(original, SIZE, ConvertConfig(rank=1))
     targets = []
     for label, model in (("original", original), ("converted", converted)):
@@ -89,7 +77,7 @@ def test_onnx_file_and_artifact_targets(tmp_path):
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
     folder = save(str(tmp_path / "r18"), build_model(spec), spec, steps=[]).path
     onnx_path = str(tmp_path / "fixed.onnx")
-    export_onnx(small_model(), SIZE, onnx_path, ExportConfig(batch=2, exporter="torchscript", validate=False))
+    export_onnx(make_tiny(), SIZE, onnx_path, ExportConfig(batch=2, exporter="torchscript", validate=False))
 
     targets = load_targets([folder, onnx_path], resolve)
     assert [t.label for t in targets] == ["r18", "fixed.onnx"]
@@ -114,7 +102,7 @@ def test_onnx_file_and_artifact_targets(tmp_path):
 
 def test_cli_json(tmp_path):
     onnx_path = str(tmp_path / "m.onnx")
-    export_onnx(small_model(), SIZE, onnx_path, ExportConfig(exporter="torchscript", validate=False))
+    export_onnx(make_tiny(), SIZE, onnx_path, ExportConfig(exporter="torchscript", validate=False))
     args = ["bench", onnx_path, onnx_path, "--providers", "cpu", "--batch-sizes", "1", "--warmup", "1", "--iters", "4", "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -152,10 +140,10 @@ def test_bad_config(kwargs, message):
 
 
 def test_model_without_onnx_file_is_exported_for_ort():
-    records = bench([BenchTarget("m", SIZE, small_model())], BenchConfig(providers="cpu", exporter="torchscript", **FAST))
+    records = bench([BenchTarget("m", SIZE, make_tiny())], BenchConfig(providers="cpu", exporter="torchscript", **FAST))
     assert {(r.runtime, r.status) for r in records} == {("torch-cpu", "ok"), ("ort-cpu", "ok")}
 
 
 def test_pytorch_only():
-    records = bench([BenchTarget("m", SIZE, small_model())], BenchConfig(providers="none", **FAST))
+    records = bench([BenchTarget("m", SIZE, make_tiny())], BenchConfig(providers="none", **FAST))
     assert {r.runtime for r in records} == {"torch-cpu"}

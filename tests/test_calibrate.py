@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from conftest import TinyCNN
 from dscompress.artifact import Artifact, resolve, save, save_step, step_entry
 from dscompress.calibrate import (
     CalibrateConfig,
@@ -32,28 +33,6 @@ from dscompress.steps import calibrate_artifact
 
 INPUT_SIZE = (3, 32, 32)
 R18 = ["--num-classes", "10", "--input-size", "3,32,32"]
-
-
-class TinyCNN(nn.Module):
-    """Five 3x3 convs (the last with a bias and no BatchNorm), pooled into a linear head."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-
-        def block(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-        self.features = nn.Sequential(
-            block(3, 16, 1),
-            block(16, 32, 2),
-            block(32, 32, 1),
-            block(32, 64, 2),
-            nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, bias=True), nn.ReLU()),
-        )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def state(model: nn.Module) -> dict:

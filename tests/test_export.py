@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 from torch import nn
 
+from conftest import large_kernel_net, make_tiny
 from dscompress import export as exporting
 from dscompress.artifact import Artifact
 from dscompress.cli import cli
@@ -24,36 +25,6 @@ from dscompress.validate import TOLERANCES
 from dscompress.report import compare
 
 SIZE = (3, 32, 32)
-
-
-def large_kernel_model(padding="explicit") -> nn.Module:
-    """5x5 and 7x7 convs (``dilation="rf"`` targets) with explicit or ``"same"`` padding."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 5, padding=2 if padding == "explicit" else "same"),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 7, padding=3 if padding == "explicit" else "same"),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    ).eval()
-
-
-def small_3x3_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, stride=2, padding=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    ).eval()
 
 
 def run_onnx(path, images: torch.Tensor) -> np.ndarray:
@@ -161,9 +132,9 @@ def test_existing_output_is_refused_without_force(resnet_export):
 @pytest.mark.parametrize(
     "make, dilation, exporter",
     [
-        (large_kernel_model, "rf", "auto"),
-        (lambda: large_kernel_model("same"), "rf", "torchscript"),  # writes SAME_UPPER + dilation
-        (small_3x3_model, 2, "auto"),
+        (large_kernel_net, "rf", "auto"),
+        (lambda: large_kernel_net("same"), "rf", "torchscript"),  # writes SAME_UPPER + dilation
+        (make_tiny, 2, "auto"),
     ],
     ids=["rf-5x5-7x7", "rf-same-padding-torchscript", "dilation2-3x3"],
 )
@@ -181,7 +152,7 @@ def test_dilated_conversions_export_and_validate(make, dilation, exporter, tmp_p
 
 
 def test_fp16_export_validates_at_fp16_tolerance(tmp_path):
-    converted, _ = convert(large_kernel_model(), SIZE, ConvertConfig(dilation="rf"))
+    converted, _ = convert(large_kernel_net(), SIZE, ConvertConfig(dilation="rf"))
     path = str(tmp_path / "half.onnx")
     record = export_onnx(converted, SIZE, path, ExportConfig(fp16=True))
     assert record.precision == "fp16"
@@ -219,7 +190,7 @@ def test_torch_export_failure_falls_back_to_torchscript_with_a_reason(tmp_path):
 
 
 def test_fixed_batch_export(tmp_path):
-    record = export_onnx(small_3x3_model(), SIZE, str(tmp_path / "b4.onnx"), ExportConfig(batch=4, exporter="torchscript"))
+    record = export_onnx(make_tiny(), SIZE, str(tmp_path / "b4.onnx"), ExportConfig(batch=4, exporter="torchscript"))
     assert record.input_shape == [4, 3, 32, 32]
     assert record.validation["batch_sizes"] == [4]
     assert "fixed batch of 4" in record.validation["notes"][0]
@@ -228,7 +199,7 @@ def test_fixed_batch_export(tmp_path):
 def test_external_data_when_over_the_threshold(tmp_path, monkeypatch):
     monkeypatch.setattr(exporting, "EXTERNAL_DATA_THRESHOLD", 0)
     path = str(tmp_path / "big.onnx")
-    record = export_onnx(small_3x3_model(), SIZE, path, ExportConfig(exporter="torchscript"))
+    record = export_onnx(make_tiny(), SIZE, path, ExportConfig(exporter="torchscript"))
     assert record.external_data == "big.onnx.data"
     assert os.path.isfile(path + ".data")
     assert os.path.getsize(path) < os.path.getsize(path + ".data")
@@ -239,15 +210,15 @@ def test_writes_nothing_when_export_is_refused(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"keep me")
     with pytest.raises(DscompressError, match="already exists"):
-        export_onnx(small_3x3_model(), SIZE, str(path), ExportConfig(exporter="torchscript"))
+        export_onnx(make_tiny(), SIZE, str(path), ExportConfig(exporter="torchscript"))
     assert path.read_bytes() == b"keep me"
-    export_onnx(small_3x3_model(), SIZE, str(path), ExportConfig(exporter="torchscript"), force=True)
+    export_onnx(make_tiny(), SIZE, str(path), ExportConfig(exporter="torchscript"), force=True)
     onnx.checker.check_model(str(path))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temporary files left
 
 
 def test_model_is_given_back_in_training_mode(tmp_path):
-    model = small_3x3_model().train()
+    model = make_tiny().train()
     export_onnx(model, SIZE, str(tmp_path / "m.onnx"), ExportConfig(exporter="torchscript"))
     assert model.training
 
@@ -337,7 +308,7 @@ def test_strided_same_pad_is_left_flagged():
 
 def test_pruned_model_exports_and_validates(tmp_path):
     prune = pytest.importorskip("dscompress.prune")
-    converted, _ = convert(large_kernel_model(), SIZE, ConvertConfig(rank=2, dilation="rf"))
+    converted, _ = convert(large_kernel_net(), SIZE, ConvertConfig(rank=2, dilation="rf"))
     pruned, record = prune.prune(converted, SIZE, prune.PruneConfig(ratio=0.5))
     assert record.params_after < record.params_before
     exported = export_onnx(pruned, SIZE, str(tmp_path / "pruned.onnx"), ExportConfig())

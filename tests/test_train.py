@@ -1,7 +1,7 @@
 """Fine-tuning: distillation wins back accuracy, runs resume exactly, bad runs stop with one line.
 
 Everything runs on the real ``digits`` data at 16x16 (8x8 for the resume runs) with
-:class:`SmallNet`, which the CLI names ``test_train:small_net``.
+:class:`conftest.SmallNet`, which the CLI names ``conftest:small_net``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import Dataset
 
+from conftest import small_net
 from dscompress.artifact import Artifact, load, resolve
 from dscompress.cli import cli
 from dscompress.convert import ConvertConfig
@@ -31,26 +32,8 @@ from dscompress.steps import work_folder
 from dscompress.train import FinetuneConfig, FinetuneInterrupted, finetune
 
 SIZE = "3,16,16"
-MODEL = "test_train:small_net"
+MODEL = "conftest:small_net"
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-class SmallNet(nn.Module):
-    """Three 3x3 conv blocks with BatchNorm, and dropout (so that resuming must restore the RNG)."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.conv1 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32, num_classes))
-
-    def forward(self, x):
-        return self.head(self.conv2(self.conv1(self.stem(x))))
-
-
-def small_net(num_classes: int = 10) -> SmallNet:
-    return SmallNet(num_classes)
 
 
 def run(*args: str):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from conftest import make_tiny
 from dscompress.cli import cli
 from dscompress.errors import DscompressError
 from dscompress.export import ExportConfig, export_onnx
@@ -20,25 +21,11 @@ SIZE = (3, 32, 32)
 GPU = torch.cuda.is_available()
 
 
-def small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A small model and its ONNX file (dynamic batch, TorchScript exporter for speed)."""
     path = str(tmp_path_factory.mktemp("onnx") / "small.onnx")
-    model = small_model()
+    model = make_tiny()
     export_onnx(model, SIZE, path, ExportConfig(exporter="torchscript", validate=False))
     return model, path
 
@@ -72,9 +59,9 @@ def test_matching_model_passes_at_two_batch_sizes(exported):
 
 def test_perturbed_weights_fail(exported):
     model, path = exported
-    perturbed = small_model()
+    perturbed = make_tiny()
     with torch.no_grad():
-        perturbed[3].weight.add_(0.01 * torch.randn_like(perturbed[3].weight))
+        perturbed.conv2.weight.add_(0.01 * torch.randn_like(perturbed.conv2.weight))
     record = validate_onnx(path, perturbed, SIZE, ValidateConfig(providers="cpu"))
     assert record.status == "fail" and not record.passed
     assert record.providers[0].status == "fail"
@@ -173,7 +160,7 @@ def test_nan_and_tolerance_arithmetic():
 
 def test_model_mode_is_restored(exported):
     _, path = exported
-    model = small_model().train()
+    model = make_tiny().train()
     assert validate_onnx(path, model, SIZE, ValidateConfig(providers="cpu")).passed  # compared in eval mode
     assert model.training
 
