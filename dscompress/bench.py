@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dscompress._util import QUIET, Progress, free_cpus
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.errors import DscompressError
 from dscompress.export import ExportConfig, export_onnx
@@ -117,14 +118,41 @@ class BenchRecord(Record):
     warmup: int = 0
     torch_threads: int | None = None
     ort_threads: int | None = None
+    block_spread: float | None = None  # slowest block's median / fastest block's
 
 
 @dataclass
 class BenchResults(Record):
-    """Every timing of a ``bench`` run, and where it was taken."""
+    """Every timing of a ``bench`` run, where it was taken, and warnings about how."""
 
     machine: str
     results: list[BenchRecord]
+    notes: list[str] = field(default_factory=list)
+
+
+# A runner whose slowest block (median) is this much slower than its fastest shared the CPUs
+# with something else while it was timed.
+BUSY_SPREAD = 1.5
+
+
+def contention_notes(records: list[BenchRecord]) -> list[str]:
+    """One line each for the signs that the timings were taken on a busy machine.
+
+    Interleaving spreads a slow spell over every runner, but it cannot undo threads that wait on
+    each other: OpenMP threads that outnumber the free cores spin against other processes (eager
+    resnet18 at 32x32: 8 ms alone, 530 ms with 2 threads beside another torch job, 7.5 ms with 1).
+    """
+    notes = []
+    threads = max((r.torch_threads or r.ort_threads or 0 for r in records if r.status == "ok"), default=0)
+    free = free_cpus()
+    if threads > free:
+        notes.append(f"{threads} threads but {free} free CPU(s): threads wait on each other; use --threads {free} or time on a quiet machine")
+    spread = [r for r in records if r.block_spread and r.block_spread > BUSY_SPREAD]
+    if spread:
+        worst = max(spread, key=lambda r: r.block_spread)
+        notes.append(f"timings varied between blocks (up to {worst.block_spread:.1f}x for {worst.target} on {worst.runtime} at batch "
+                     f"{worst.batch_size}): the machine was busy; compare ratios, not milliseconds, or time again")
+    return notes
 
 
 def machine() -> str:
@@ -227,23 +255,29 @@ def _percentiles(record: BenchRecord, samples: list[float]) -> None:
     record.images_per_s = float(record.batch_size * len(ms) / (ms.sum() / 1e3))
 
 
-def _time_interleaved(runners: list[_Runner], warmup: int, iters: int, block: int) -> None:
+def _time_interleaved(runners: list[_Runner], warmup: int, iters: int, block: int, progress: Progress = QUIET) -> None:
     """Warm every runner up, then time them in rounds of ``block`` runs each, order reversed every other round.
 
     Each turn starts with one untimed run: the runtime that ran before may leave threads
     spinning or caches cold for a moment, and that belongs to the switch, not to the model.
     """
-    for _ in range(warmup):
-        for runner in runners:
-            runner.run()
     rounds = -(-iters // block)
-    for i in range(rounds):
-        for runner in runners if i % 2 == 0 else reversed(runners):
-            runner.run()
-            for _ in range(min(block, iters - len(runner.samples))):
-                start = time.perf_counter()
+    progress.start(f"bench batch {runners[0].batch_size}" if runners else "bench", warmup + rounds)
+    try:
+        for _ in range(warmup):
+            for runner in runners:
                 runner.run()
-                runner.samples.append(time.perf_counter() - start)
+            progress.advance(1, "warm-up")
+        for i in range(rounds):
+            for runner in runners if i % 2 == 0 else reversed(runners):
+                runner.run()
+                for _ in range(min(block, iters - len(runner.samples))):
+                    start = time.perf_counter()
+                    runner.run()
+                    runner.samples.append(time.perf_counter() - start)
+            progress.advance(1)
+    finally:
+        progress.stop()
 
 
 # --- benchmarking --------------------------------------------------------------------------------
@@ -264,7 +298,7 @@ def _export_missing(targets: list[BenchTarget], folder: str, exporter: str) -> d
     return paths
 
 
-def bench(targets: list[BenchTarget], config: BenchConfig | None = None) -> list[BenchRecord]:
+def bench(targets: list[BenchTarget], config: BenchConfig | None = None, progress: Progress = QUIET) -> list[BenchRecord]:
     """Time every target on every runtime, interleaved, at each batch size.
 
     Returns one :class:`BenchRecord` per (batch size, target, runtime), including runtimes
@@ -300,13 +334,13 @@ def bench(targets: list[BenchTarget], config: BenchConfig | None = None) -> list
                 torch.backends.cudnn.benchmark = True
             records = []
             for batch_size in config.batch_sizes:
-                records += _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads)
+                records += _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads, progress)
     finally:
         torch.set_num_threads(saved_threads)
     return records
 
 
-def _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads) -> list[BenchRecord]:
+def _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads, progress) -> list[BenchRecord]:
     records, runners = [], []
     generator = torch.Generator().manual_seed(batch_size)
     for target in targets:
@@ -326,7 +360,7 @@ def _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unu
             runners.append(_Runner(target, f"ort-{provider}", batch_size, runner, ort_threads=threads))
     for target, runtime, status, reason in unusable:
         records.append(BenchRecord(target.label, runtime, batch_size, status, reason))
-    _time_interleaved(runners, config.warmup, config.iters, config.block)
+    _time_interleaved(runners, config.warmup, config.iters, config.block, progress)
     for runner in runners:
         record = BenchRecord(
             runner.target.label,
@@ -338,6 +372,8 @@ def _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unu
             ort_threads=runner.ort_threads,
         )
         _percentiles(record, runner.samples)
+        blocks = [np.median(runner.samples[i : i + config.block]) for i in range(0, len(runner.samples), config.block)]
+        record.block_spread = float(max(blocks) / min(blocks)) if len(blocks) > 1 and min(blocks) > 0 else None
         records.append(record)
     order = {t.label: i for i, t in enumerate(targets)}
     return sorted(records, key=lambda r: (order[r.target], r.runtime))

@@ -55,7 +55,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dscompress._util import model_device, resolve_device
+from dscompress._util import QUIET, Progress, model_device, resolve_device
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.data import DataSpec, load_dataset, make_loader
 from dscompress.errors import DscompressError
@@ -304,10 +304,16 @@ def refit_layer(
         pointwise.bias.copy_(solution[:, features])
 
 
-def refit(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor], ridge: float = 1e-3, calls: dict | None = None) -> None:
+def refit(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor], ridge: float = 1e-3,
+          calls: dict | None = None, progress: Progress = QUIET) -> None:
     """Refit the named layers in place, one after another in the given (forward) order."""
-    for name in names:
-        refit_layer(model, original, name, images, ridge, (calls or {}).get(name, 1))
+    progress.start("calibrate: refit layers", len(names))
+    try:
+        for name in names:
+            refit_layer(model, original, name, images, ridge, (calls or {}).get(name, 1))
+            progress.advance(1, name)
+    finally:
+        progress.stop()
 
 
 @torch.no_grad()
@@ -405,6 +411,7 @@ def calibrate(
     config: CalibrateConfig | None = None,
     device=None,
     order: tuple[str, ...] = ORDER,
+    progress: Progress = QUIET,
 ) -> tuple[nn.Module, CalibrationRecord]:
     """Return a calibrated deep copy of ``model`` and the record of what was done.
 
@@ -419,6 +426,7 @@ def calibrate(
         order: the corrections in the order to run them, each ``"refit"`` or ``"bn"`` (one may
             repeat); those the config disables are left out. For experiments: the default
             :data:`ORDER` is the one measured best.
+        progress: receives one step per refitted layer.
     """
     config = config or CalibrateConfig()
     if not set(order) <= {"refit", "bn"}:
@@ -440,7 +448,7 @@ def calibrate(
     steps = [step for step in order if getattr(config, step)]
     for step in steps:
         if step == "refit":
-            refit(model, original, layers, images, config.ridge, calls)
+            refit(model, original, layers, images, config.ridge, calls, progress)
         else:
             bn_layers = reestimate_bn(model, images)
     after = measure(model, original, layers, images)

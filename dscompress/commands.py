@@ -8,6 +8,7 @@ the CLI, recipes and manifests. A command only parses, runs the step and renders
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -17,8 +18,10 @@ import typing
 import warnings
 
 import click
+import torch
 
 from dscompress import report as reporting
+from dscompress._util import choose_threads
 from dscompress.artifact import resolve
 from dscompress.config import StepConfig, describe, flag_name
 from dscompress.errors import DscompressError, DscompressWarning
@@ -101,6 +104,25 @@ MODEL_OPTIONS = [
 ]
 
 
+THREADS_OPTION = click.Option(["--threads"], type=int, default=None, metavar="N",
+                              help="CPU threads for torch and ONNX Runtime [default: the CPUs that are free].")
+
+
+@contextlib.contextmanager
+def threads_for(requested: int | None):
+    """Use ``requested`` CPU threads, or those that are free, for the block (then what was set
+    before); when that is fewer than all, or more than are free, a note says so once the work is done."""
+    threads, note = choose_threads(requested)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+    if note:
+        click.echo(f"note: {note}", err=True)
+
+
 def model_loader(kwargs: dict):
     """``load(name)`` for the model options the user gave (removed from ``kwargs``)."""
     num_classes = kwargs.pop("num_classes")
@@ -137,6 +159,8 @@ def step_command(spec: StepSpec) -> click.Command:
         params += config_options(chained, prefix=f"{name}_", skip=("data",))
     if spec.resumable:
         params.append(click.Option(["--resume"], is_flag=True, help="Continue the interrupted run in OUT.partial/."))
+    if not any(f.name == "threads" for f in spec.config.options()):
+        params.append(THREADS_OPTION)
     if spec.output != "none":
         params.append(click.Option(["--force"], is_flag=True, help="Replace the output if it exists."))
     params.append(click.Option(["--json", "as_json"], is_flag=True, help="Print the record as JSON."))
@@ -148,6 +172,12 @@ def step_command(spec: StepSpec) -> click.Command:
 def _run_step_command(spec: StepSpec, **kwargs) -> None:
     load = model_loader(kwargs)
     as_json = kwargs.pop("as_json")
+    own_threads = any(f.name == "threads" for f in spec.config.options())  # bench times with its own
+    with threads_for(None if own_threads else kwargs.pop("threads")):
+        _run(spec, load, as_json, kwargs)
+
+
+def _run(spec: StepSpec, load, as_json: bool, kwargs: dict) -> None:
     chained = []
     for name in spec.chains:
         data = kwargs.pop(f"{name}_data")
@@ -230,10 +260,16 @@ def report(paths, baseline, as_json, markdown, plot_path):
 @click.option("--set", "overrides", multiple=True, help="Override an option: STEP.key=value (a kind or step name), model.key=value or data=SPEC.")
 @click.option("--device", default=None, help="auto, cpu or cuda, for the steps that take a device and whose recipe does not say.")
 @click.option("--plot/--no-plot", default=True, help="Write report.png in the run folder. [default: on]")
+@click.option("--threads", type=int, default=None, metavar="N", help="CPU threads for torch and ONNX Runtime [default: the CPUs that are free].")
 @click.option("--json", "as_json", is_flag=True, help="Print what each step did as JSON.")
-def run_recipe(recipe_path, out, overrides, device, plot, as_json):
+def run_recipe(recipe_path, out, overrides, device, plot, threads, as_json):
     """Run a recipe end to end (continuing a stopped run) and print the comparison report."""
     recipe = load_recipe(recipe_path, list(overrides))
+    with threads_for(threads):
+        _run_recipe(recipe, recipe_path, out, device, plot, as_json)
+
+
+def _run_recipe(recipe, recipe_path: str, out: str | None, device: str | None, plot: bool, as_json: bool) -> None:
     out = out or os.path.join("runs", recipe.name or os.path.splitext(os.path.basename(recipe_path))[0])
     log = (lambda line: click.echo(line, err=True)) if as_json else (lambda line: console.print(line, highlight=False))
     result = run(recipe, out, log=log, device=device, progress=ConsoleProgress())

@@ -7,7 +7,7 @@ Specs, usable everywhere a command takes ``--data``:
 - ``mnist:DIR``: MNIST-format IDX files (``train-images-idx3-ubyte[.gz]`` ...), so also
   Fashion-MNIST, KMNIST and other IDX datasets.
 - ``cifar10:DIR`` / ``cifar100:DIR``: the standard python batches already on disk, read with
-  torchvision (they are pickles: load only files you trust). Downloaded only with ``download=True``.
+  torchvision (they are pickles: load only files you trust). dscompress downloads no data.
 - ``imagefolder:DIR``: ``DIR/train/<class>/*.png`` and ``DIR/val/<class>/...`` (or ``test/``).
 
 Every dataset yields ``(image, label)`` with ``image`` a float tensor (C, H, W) of the model's
@@ -208,7 +208,7 @@ def _mnist(root: str, split: str, input_size) -> Dataset:
     return ArrayDataset(images[:, None], labels, input_size, classes)
 
 
-def _cifar(kind: str, root: str, split: str, input_size, download: bool) -> Dataset:
+def _cifar(kind: str, root: str, split: str, input_size) -> Dataset:
     import torchvision
 
     base = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
@@ -232,14 +232,12 @@ def _cifar(kind: str, root: str, split: str, input_size, download: bool) -> Data
     folder = LocalCIFAR.base_folder
     if os.path.basename(os.path.normpath(root)) == folder:
         root = os.path.dirname(os.path.normpath(root))
-    if not download and not os.path.isdir(os.path.join(root, folder)):
-        raise DscompressError(f"{kind}: no {folder}/ under {root}; put the python batches there or pass --download")
+    if not os.path.isdir(os.path.join(root, folder)):
+        raise DscompressError(f"{kind}: no {folder}/ under {root}; put the CIFAR python batches there (dscompress does not download data)")
     try:
-        dataset = LocalCIFAR(root, train=split == "train", download=download)
+        dataset = LocalCIFAR(root, train=split == "train", download=False)
     except RuntimeError as e:
         raise DscompressError(f"{kind}: {e} (looked in {os.path.join(root, folder)})") from None
-    except OSError as e:
-        raise DscompressError(f"{kind}: could not download ({e}); put the python batches in {root}/{folder}") from None
     return _ShapedImages(dataset, input_size, list(dataset.classes))
 
 
@@ -257,7 +255,7 @@ def _imagefolder(root: str, split: str, input_size) -> Dataset:
     return _ShapedImages(dataset, input_size, list(dataset.classes))
 
 
-def load_dataset(spec: str | DataSpec, input_size, split: str = "train", download: bool = False) -> Dataset:
+def load_dataset(spec: str | DataSpec, input_size, split: str = "train") -> Dataset:
     """The ``split`` ("train" or "test") of the dataset a spec names, shaped to ``input_size``.
 
     The dataset has a ``classes`` attribute (class names, one per label).
@@ -272,7 +270,7 @@ def load_dataset(spec: str | DataSpec, input_size, split: str = "train", downloa
     if spec.kind == "mnist":
         return _mnist(spec.root, split, input_size)
     if spec.kind in ("cifar10", "cifar100"):
-        return _cifar(spec.kind, spec.root, split, input_size, download)
+        return _cifar(spec.kind, spec.root, split, input_size)
     return _imagefolder(spec.root, split, input_size)
 
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dscompress._util import eval_mode, resolve_device
+from dscompress._util import QUIET, Progress, eval_mode, resolve_device
 from dscompress.config import Record, StepConfig, check_range, option
 from dscompress.data import DataSpec, check_classes, load_dataset, make_loader
 
@@ -43,13 +43,15 @@ class EvalRecord(Record):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
+def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
     device = torch.device(device)
     correct1 = correct5 = total = 0
     loss = 0.0
+    progress.start("evaluate", len(loader))
     with eval_mode(model):
         for images, labels in loader:
+            progress.advance(1)
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
             loss += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
@@ -57,16 +59,18 @@ def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu") -> di
             correct1 += int((top[:, 0] == labels).sum())
             correct5 += int((top == labels[:, None]).any(dim=-1).sum())
             total += len(labels)
+    progress.stop()
     total = max(total, 1)
     return {"images": total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
 
 
-def evaluate(model: nn.Module, data: str, input_size, batch_size: int = 256, device: str = "auto", workers: int = 0) -> EvalRecord:
+def evaluate(model: nn.Module, data: str, input_size, batch_size: int = 256, device: str = "auto", workers: int = 0,
+             progress: Progress = QUIET) -> EvalRecord:
     """Evaluate ``model`` on the test split of the dataset ``data`` names."""
     config = EvaluateConfig(data=data, batch_size=batch_size, device=device, workers=workers)
     dataset = load_dataset(config.data, input_size, split="test")
     torch_device = resolve_device(config.device)
     model = model.to(torch_device)
     check_classes(dataset, model, input_size, data_name=config.data)
-    result = accuracy(model, make_loader(dataset, config.batch_size, workers=config.workers), torch_device)
+    result = accuracy(model, make_loader(dataset, config.batch_size, workers=config.workers), torch_device, progress)
     return EvalRecord(data=config.data, **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})

@@ -259,6 +259,7 @@ def _bench(results: BenchResults) -> list:
     lines += [f"{runtime} {status}: {reason}" for runtime, status, reason in unusable if status != "skipped" or "fixed batch" in reason]
     threads = next((r.torch_threads or r.ort_threads for r in records if r.status == "ok"), None)
     lines.append(f"{results.machine}; CPU threads: {threads}")
+    lines += [f"warning: {note}" for note in results.notes]
     return [shown, *lines]
 
 

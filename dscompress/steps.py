@@ -24,7 +24,7 @@ from torch import nn
 
 from dscompress._util import QUIET, Progress, resolve_device, sha256_file
 from dscompress.artifact import WEIGHTS, Artifact, Source, check_output, resolve, save_step, step_entry
-from dscompress.bench import BenchConfig, BenchRecord, BenchResults, BenchTarget, bench, headline, load_targets, machine
+from dscompress.bench import BenchConfig, BenchRecord, BenchResults, BenchTarget, bench, contention_notes, headline, load_targets, machine
 from dscompress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, calibration_batches
 from dscompress.checkpoint import checkpoint_path
 from dscompress.config import Record, StepConfig
@@ -210,7 +210,7 @@ def calibrate_step(source: Source, config: CalibrateConfig, context: StepContext
             f"the model it came from); convert it first: dscompress convert {source.label} -o DIR --calibrate DATA"
         )
     images = calibration_images(source, config)
-    model, record = calibrate(source.model, source.teacher(), images, config, device=resolve_device(config.device))
+    model, record = calibrate(source.model, source.teacher(), images, config, device=resolve_device(config.device), progress=context.progress)
     return StepOutput(record, model.cpu())
 
 
@@ -296,7 +296,7 @@ def evaluate_step(source: Source, config: EvaluateConfig, context: StepContext) 
     """Top-1 and top-5 accuracy of MODEL (an artifact records it) on the test split."""
     if config.data is None:
         raise DscompressError("evaluate needs a dataset: give --data SPEC (e.g. --data digits)")
-    record = evaluate(source.model, config.data, source.spec.input_size, config.batch_size, config.device, config.workers)
+    record = evaluate(source.model, config.data, source.spec.input_size, config.batch_size, config.device, config.workers, context.progress)
     if source.artifact is not None:
         source.artifact.update_metrics(top1=record.top1, top5=record.top5, eval_data=record.data, eval_images=record.images)
     return StepOutput(record, artifact=source.artifact)
@@ -344,9 +344,9 @@ def validate_step(source: Source, config: ValidateConfig, context: StepContext) 
 def bench_step(source: Source | None, config: BenchConfig, context: StepContext) -> StepOutput:
     """Latency and throughput of models side by side, on PyTorch and ONNX Runtime."""
     targets = load_targets(list(context.targets), context.load)
-    records = bench(targets, config)
+    records = bench(targets, config, context.progress)
     _store_latency(targets, records, config)
-    return StepOutput(BenchResults(machine(), records))
+    return StepOutput(BenchResults(machine(), records, contention_notes(records)))
 
 
 def _store_latency(targets: list[BenchTarget], records: list[BenchRecord], config: BenchConfig) -> None:

@@ -334,7 +334,7 @@ def _validate(onnx_path: str, proto, shape: list, reference: nn.Module, input_si
     providers, automatic = resolve_providers(config.providers)
     results = []
     for provider in providers:
-        session, reason = open_session(onnx_path, provider)
+        session, reason = open_session(onnx_path, provider, threads=torch.get_num_threads())
         if session is None:
             status = "skipped" if automatic else "unavailable"
             results.append(ProviderResult(provider, status, reason))

@@ -215,7 +215,7 @@ def test_cli_convert_with_calibrate_saves_both_steps(tmp_path):
         cli, ["convert", "resnet18", *R18, "-o", str(out), "--calibrate", "digits", "--calibrate-batches", "2", "--json"]
     )
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.output)
+    printed = json.loads(result.stdout)
     record = CalibrationRecord.from_dict(printed["calibrate"])
     assert record.images == 64 and record.order == ["refit", "bn"] and record.bn_layers == 20
     assert [layer.name for layer in record.layers] == [layer["name"] for layer in printed["layers"]]
@@ -256,7 +256,7 @@ def test_cli_calibrate_an_artifact(tmp_path):
     assert "moved away from the original" in result.output and "--no-bn" in result.output
     result = runner.invoke(cli, [*args[:-1], "--force", "--json"])
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.output)
+    printed = json.loads(result.stdout)
     assert printed["output"] == str(out) and printed["order"] == ["refit", "bn"]
 
 

@@ -26,7 +26,7 @@ def test_convert_prints_table_and_totals(tmp_path):
 def test_convert_json(tmp_path):
     result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--rank", "full", "--json", "-o", tmp_path / "a")
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     for key in ("params_before", "params_after", "macs_before", "macs_after", "layers", "skipped"):
         assert key in data
     assert all("name" in layer and "fit_error" in layer for layer in data["layers"])
@@ -37,7 +37,7 @@ def test_convert_energy_budget_and_dilation_options(tmp_path):
     for i, extra in enumerate([["--energy", "0.5"], ["--macs-budget", "0.25"], ["--dilation", "rf"], ["--dilation", "2", "--include", "layer4"]]):
         result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--json", "-o", tmp_path / str(i), *extra)
         assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert {layer["name"] for layer in data["layers"]} == {"layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"}
 
 
@@ -76,7 +76,7 @@ def test_report_compares_artifacts(tmp_path):
         run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--rank", rank, "-o", tmp_path / f"rank{rank}")
     table = run("report", tmp_path / "rank1", tmp_path / "rank2")
     assert table.exit_code == 0 and "rank1" in table.output and "rank2" in table.output
-    rows = json.loads(run("report", tmp_path, "--json").output)  # a folder of artifacts
+    rows = json.loads(run("report", tmp_path, "--json").stdout)  # a folder of artifacts
     assert [r["name"] for r in rows] == ["rank1", "rank2"]
     assert rows[1]["macs_ratio"] > 1 and rows[1]["params"] > rows[0]["params"]
     markdown = run("report", tmp_path / "rank1", tmp_path / "rank2", "--markdown").output

@@ -42,7 +42,7 @@ def test_evaluate_stores_metrics_in_artifact(tmp_path):
     artifact, _ = convert_artifact(source, str(tmp_path / "a"), ConvertConfig(rank=1))
     result = CliRunner().invoke(cli, ["evaluate", artifact.path, "--data", "digits", "--json"])
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.output)
+    printed = json.loads(result.stdout)
     metrics = Artifact.open(artifact.path).metrics
     expected = evaluate(artifact.model(), "digits", (3, 16, 16))
     assert metrics["eval_images"] == printed["images"] == expected.images == 360

@@ -20,7 +20,7 @@ def test_custom_model_through_the_cli(tmp_path, monkeypatch):
         cli, ["convert", "custom_model:make_net", "--num-classes", "10", "--input-size", "3,16,16", "--json", "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
-    layers = [layer["name"] for layer in json.loads(result.output)["layers"]]
+    layers = [layer["name"] for layer in json.loads(result.stdout)["layers"]]
     assert layers == ["features.1.0", "features.2.0", "features.3.0"]  # the RGB stem is skipped
     evaluated = CliRunner().invoke(cli, ["evaluate", str(out), "--data", "digits", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
