@@ -56,6 +56,7 @@ class ConvertConfig(StepConfig):
     trace: Literal["auto", "fx", "hooks"] = option(
         "auto", "How layers are found: fx (fail if untraceable), hooks, or auto (fx, falling back to hooks)."
     )
+    allow_unchanged: bool = option(False, "Save the model even when no conv can be converted (otherwise that is an error).")
 
     def check(self):
         chosen = [k for k in ("rank", "energy", "macs_budget") if getattr(self, k) is not None]

@@ -10,7 +10,9 @@ from rich.table import Table
 
 from dscompress._util import atomic_path, human, write_text
 from dscompress.artifact import Artifact, is_artifact
+from dscompress.bench import HEADLINE_ORDER
 from dscompress.errors import DscompressError
+from dscompress.metrics import count_macs, count_params
 from dscompress.runstate import is_run, run_models
 
 # (metric key, column title, format); a column is shown when any row has the metric.
@@ -47,40 +49,74 @@ def find_artifacts(paths: list[str]) -> list[str]:
 def compare(paths: list[str], baseline: str | None = None) -> list[dict]:
     """One row per artifact: its steps and metrics, and ratios to the baseline's metrics.
 
-    The baseline is ``baseline`` if given, else the first artifact.
+    The baseline is ``baseline`` if given, else the first row. A single artifact that keeps its
+    uncompressed original is shown against it: the original comes first, as the baseline.
     """
     artifacts = [Artifact.open(p) for p in find_artifacts(paths)]
     if not artifacts:
         raise DscompressError(f"no artifacts to compare in {', '.join(paths)}")
-    base = Artifact.open(baseline) if baseline else artifacts[0]
-    rows = []
-    for artifact in artifacts:
-        metrics = artifact.metrics
-        row = {
-            "name": os.path.basename(os.path.normpath(artifact.path)),
-            "path": artifact.path,
-            "model": artifact.spec.name,
-            "steps": [s["step"] for s in artifact.steps],
-            **metrics,
-        }
-        for key in ("params", "macs", "size_bytes"):
-            if metrics.get(key) and base.metrics.get(key):
-                row[f"{key}_ratio"] = metrics[key] / base.metrics[key]
-        if metrics.get("top1") is not None and base.metrics.get("top1") is not None:
-            row["top1_delta"] = metrics["top1"] - base.metrics["top1"]
-        for runtime, batch, p50 in _latencies(metrics):
-            key = f"p50:{runtime} b{batch}"
-            row[key] = p50
-            base_p50 = {(r, b): v for r, b, v in _latencies(base.metrics)}.get((runtime, batch))
-            if base_p50:
-                row[f"{key}_ratio"] = p50 / base_p50
-        headline = (metrics.get("latency") or {}).get("headline")
-        if headline:
-            row["latency_ms"] = headline["p50_ms"]  # the one the plot shows
-        if metrics.get("onnx"):
-            row["onnx_check"] = metrics["onnx"].get("validation")
-        rows.append(row)
+    rows = [_row(artifact) for artifact in artifacts]
+    if len(artifacts) == 1 and artifacts[0].has_original and baseline is None:
+        rows.insert(0, _original_row(artifacts[0]))
+    base = _row(Artifact.open(baseline)) if baseline else rows[0]
+    for row in rows:
+        _add_ratios(row, base)
     return rows
+
+
+def _row(artifact: Artifact) -> dict:
+    metrics = artifact.metrics
+    row = {
+        "name": os.path.basename(os.path.normpath(artifact.path)),
+        "path": artifact.path,
+        "model": artifact.spec.name,
+        "steps": [s["step"] for s in artifact.steps],
+        **metrics,
+    }
+    for runtime, batch, p50 in _latencies(metrics):
+        row[f"p50:{runtime} b{batch}"] = p50
+    headline = (metrics.get("latency") or {}).get("headline")
+    if headline:
+        row["latency_ms"] = headline["p50_ms"]
+    if metrics.get("onnx"):
+        row["onnx_check"] = metrics["onnx"].get("validation")
+    return row
+
+
+def _original_row(artifact: Artifact) -> dict:
+    """The uncompressed original an artifact keeps, measured like an artifact (its accuracy from
+    the records: the teacher's top-1 of a distillation, or the baseline's own training)."""
+    model = artifact.original_model()
+    size = artifact.spec.input_size
+    top1 = None
+    for step in artifact.steps:
+        record = step.get("record") or {}
+        if step["step"] == "finetune" and record.get("teacher") is None and top1 is None:
+            top1 = record.get("top1")  # the baseline, trained here
+        if step["step"] == "finetune" and str(record.get("teacher", "")).endswith("(original)"):
+            top1 = record.get("teacher_top1")
+    return {
+        "name": f"{os.path.basename(os.path.normpath(artifact.path))} (original)",
+        "path": os.path.join(artifact.path, artifact.manifest["files"]["original"]),
+        "model": artifact.spec.name,
+        "steps": [],
+        "params": count_params(model),
+        "macs": count_macs(model, size),
+        "size_bytes": os.path.getsize(os.path.join(artifact.path, artifact.manifest["files"]["original"])),
+        "top1": top1,
+    }
+
+
+def _add_ratios(row: dict, base: dict) -> None:
+    """``KEY_ratio`` = this / baseline for the size and cost metrics, and the top-1 change."""
+    for key in ("params", "macs", "size_bytes"):
+        if row.get(key) and base.get(key):
+            row[f"{key}_ratio"] = row[key] / base[key]
+    if row.get("top1") is not None and base.get("top1") is not None:
+        row["top1_delta"] = row["top1"] - base["top1"]
+    for key in [k for k in row if k.startswith("p50:") and not k.endswith("_ratio")]:
+        if base.get(key):
+            row[f"{key}_ratio"] = row[key] / base[key]
 
 
 def _latencies(metrics: dict) -> list[tuple[str, int, float]]:
@@ -157,11 +193,33 @@ def comparison_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2, default=str)
 
 
-def plot(rows: list[dict], path: str) -> str:
-    """Accuracy against MACs and against latency, one labelled point per artifact, as a PNG.
+# Points of top-1 below the best row that the plot's accuracy axis still spans.
+PLOT_SPAN = 15.0
 
-    Artifacts without a top-1 are left out (evaluate them first); the latency panel shows those
-    that have a ``bench`` result. Written atomically.
+
+def _latency_key(rows: list[dict]) -> str | None:
+    """The ``p50:RUNTIME bN`` column most rows have, preferring the deployed runtimes and batch 1."""
+    keys = {k for r in rows for k in r if k.startswith("p50:") and not k.endswith("_ratio")}
+    if not keys:
+        return None
+
+    def preference(key: str):
+        runtime, batch = key[4:].rsplit(" b", 1)
+        order = HEADLINE_ORDER.index(runtime) if runtime in HEADLINE_ORDER else len(HEADLINE_ORDER)
+        return (-sum(1 for r in rows if r.get(key) is not None), order, int(batch))
+
+    return min(keys, key=preference)
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Accuracy against MACs and against latency, as a PNG (written atomically).
+
+    One marker per artifact, named in the legend with its top-1 (so no label covers another),
+    joined in row order (the order of a pipeline's steps). The accuracy axis spans the rows within
+    :data:`PLOT_SPAN` points of the best, with a margin, so differences of a point show; rows far
+    below (a model just converted or pruned, before calibration or training) sit on the bottom
+    edge, marked as below the axis. The latency axis names its runtime and batch. Artifacts
+    without a top-1 are left out (evaluate them first).
     """
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,21 +227,44 @@ def plot(rows: list[dict], path: str) -> str:
     points = [r for r in rows if r.get("top1") is not None]
     if not points:
         raise DscompressError("nothing to plot: no artifact has a top-1 accuracy; run `dscompress evaluate DIR --data SPEC` first")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [(axes[0], "macs", "MACs per image (millions)", 1e-6), (axes[1], "latency_ms", "p50 latency (ms)", 1.0)]
-    for ax, key, label, scale in panels:
+    latency = _latency_key(points)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = [(axes[0], "macs", "MACs per image (millions)", 1e-6, "accuracy vs compute")]
+    if latency:
+        runtime, batch = latency[4:].rsplit(" b", 1)
+        panels.append((axes[1], latency, f"p50 latency (ms), {runtime}, batch {batch}", 1.0, "accuracy vs latency"))
+    markers = "osD^vP*Xh<>p"
+    colors = plt.get_cmap("tab10").colors
+    best = max(r["top1"] for r in points)
+    near = [r["top1"] for r in points if r["top1"] >= best - PLOT_SPAN]
+    margin = max(0.5, 0.1 * (best - min(near)))
+    low, high = min(near) - margin, best + margin
+    below = low + 0.03 * (high - low)
+
+    def shown_y(r):
+        return r["top1"] if r["top1"] >= low else below
+
+    for ax, key, label, scale, title in panels:
         shown = [r for r in points if r.get(key) is not None]
-        for r in shown:
-            ax.scatter(r[key] * scale, r["top1"], s=40)
-            ax.annotate(r["name"], (r[key] * scale, r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.plot([r[key] * scale for r in shown], [shown_y(r) for r in shown], color="0.8", linewidth=1, zorder=1)
+        for i, r in enumerate(points):
+            if r.get(key) is None:
+                continue
+            off = r["top1"] < low
+            name = f"{r['name']}: {r['top1']:.2f}%" + (" (below the axis)" if off else "")
+            ax.scatter(r[key] * scale, shown_y(r), s=60, marker=markers[i % len(markers)], color=colors[i % len(colors)],
+                       label=name, zorder=2, edgecolors="red" if off else "black", linewidths=1.2 if off else 0.5)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
+        ax.set_ylim(low, high)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-        if not shown:
-            ax.text(0.5, 0.5, "no latency measured\n(run dscompress bench)", ha="center", va="center", transform=ax.transAxes)
-    axes[0].set_title("accuracy vs compute")
-    axes[1].set_title("accuracy vs latency")
-    fig.tight_layout()
+    if not latency:
+        axes[1].text(0.5, 0.5, "no latency measured\n(run dscompress bench)", ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].set_axis_off()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(labels) - 1) // 3), 1, 1))
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,7 +32,7 @@ from dscompress.config import Record, StepConfig
 from dscompress.convert import ConversionRecord, ConvertConfig, convert
 from dscompress.data import check_classes, load_dataset
 from dscompress.distributed import World, barrier, destroy, init_distributed
-from dscompress.errors import DscompressError
+from dscompress.errors import DscompressError, DscompressWarning
 from dscompress.evaluate import EvalRecord, EvaluateConfig, evaluate
 from dscompress.export import ExportConfig, ExportRecord, export_onnx
 from dscompress.models import build_model
@@ -187,8 +188,25 @@ def run_step(source: Source | None, config: StepConfig, context: StepContext | N
 @register_step(ConvertConfig, chains=("calibrate",))
 def convert_step(source: Source, config: ConvertConfig, context: StepContext) -> StepOutput:
     """Replace MODEL's convolutions by fitted depthwise-separable ones and save an artifact."""
+    _warn_if_random(source)
     model, record = convert(source.model, source.spec.input_size, config)
+    if not record.layers and not config.allow_unchanged:
+        reasons: dict[str, int] = {}
+        for skipped in record.skipped:
+            reasons[skipped["reason"]] = reasons.get(skipped["reason"], 0) + 1
+        why = "; ".join(f"{count} {reason}" for reason, count in reasons.items()) or "it has no conv layers"
+        raise DscompressError(f"nothing to convert in {source.label}: {why}; pass --allow-unchanged to save it as it is")
     return StepOutput(record, model, metrics={"macs": record.macs_after})
+
+
+def _warn_if_random(source: Source) -> None:
+    """A named model built without weights is randomly initialised: say so once."""
+    if source.artifact is None and not source.pending and not (source.spec.weights or source.spec.checkpoint):
+        warnings.warn(
+            f"{source.spec.name} has random weights (no --checkpoint or --weights): fine to try dscompress out, meaningless for accuracy",
+            DscompressWarning,
+            stacklevel=2,
+        )
 
 
 def calibration_images(source: Source, config: CalibrateConfig) -> list[torch.Tensor]:
@@ -217,6 +235,7 @@ def calibrate_step(source: Source, config: CalibrateConfig, context: StepContext
 @register_step(PruneConfig, chains=("calibrate",))
 def prune_step(source: Source, config: PruneConfig, context: StepContext) -> StepOutput:
     """Remove MODEL's least important channels (Torch-Pruning) and save an artifact."""
+    _warn_if_random(source)
     model, record = prune(source.model, source.spec.input_size, config)
     return StepOutput(record, model, metrics={"macs": record.macs_after})
 

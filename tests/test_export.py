@@ -98,8 +98,10 @@ def test_export_is_recorded_in_the_artifact_and_report(resnet_export):
     assert onnx_metrics["exporter"] == "dynamo"
     assert onnx_metrics["validation"] == "pass"
     assert onnx_metrics["path"] == os.path.abspath(resnet_export["onnx"])
-    row = compare([resnet_export["artifact"]])[0]
-    assert row["onnx_check"] == "pass"
+    original, row = compare([resnet_export["artifact"]])  # one artifact is shown against the original it keeps
+    assert original["name"] == "r18 (original)" and row["name"] == "r18"
+    assert row["onnx_check"] == "pass" and "onnx_check" not in original
+    assert row["macs_ratio"] == pytest.approx(row["macs"] / original["macs"]) and row["macs_ratio"] < 0.25
     result = CliRunner().invoke(cli, ["report", resnet_export["artifact"], "--markdown"])
     assert result.exit_code == 0 and "| ONNX |" in result.output and "pass" in result.output
 
