@@ -115,8 +115,9 @@ class CalibrationRecord(Record):
     """What :func:`calibrate` did, measured on the calibration images.
 
     ``output_error_*`` is the relative error of the model's output (logits) against the
-    original's; ``agreement_*`` the share (percent) of images where both predict the same class.
-    Both are None for models whose output is not a single tensor.
+    original's; ``agreement_*`` the share (percent) of predictions where both pick the same class:
+    of images for logits (N, classes), of pixels for segmentation logits (N, classes, H, W)
+    (``agreement_over`` says which). Both are None for models whose output is not a single tensor.
     """
 
     config: dict
@@ -131,6 +132,7 @@ class CalibrationRecord(Record):
     agreement_before: float | None = None
     agreement_after: float | None = None
     seconds: float = 0.0
+    agreement_over: str = "images"
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -354,6 +356,7 @@ class Errors:
     layers: dict[str, float]
     output: float | None
     agreement: float | None
+    over: str = "images"
 
 
 @torch.no_grad()
@@ -374,6 +377,7 @@ def measure(model: nn.Module, original: nn.Module, names: list[str], images: lis
     handles = [model.get_submodule(n).register_forward_hook(hook("model", n)) for n in names]
     handles += [original.get_submodule(n).register_forward_hook(hook("original", n)) for n in names]
     tensor_output = True
+    over = "images"
     try:
         for x in images:
             outputs["model"].clear()
@@ -387,9 +391,11 @@ def measure(model: nn.Module, original: nn.Module, names: list[str], images: lis
             if isinstance(y, torch.Tensor) and isinstance(y0, torch.Tensor) and y.shape == y0.shape:
                 out_sums[0] += float((y.double() - y0.double()).pow(2).sum())
                 out_sums[1] += float(y0.double().pow(2).sum())
-                if y.dim() == 2:
-                    agree += int((y.argmax(1) == y0.argmax(1)).sum())
-                    total += len(y)
+                if y.dim() in (2, 4):  # (N, classes) or per pixel (N, classes, H, W)
+                    same = y.argmax(1) == y0.argmax(1)
+                    agree += int(same.sum())
+                    total += same.numel()
+                    over = "images" if y.dim() == 2 else "pixels"
             else:
                 tensor_output = False
     finally:
@@ -398,7 +404,7 @@ def measure(model: nn.Module, original: nn.Module, names: list[str], images: lis
     layers = {n: math.sqrt(s[0] / s[1]) if s[1] > 0 else 0.0 for n, s in sums.items()}
     output = math.sqrt(out_sums[0] / out_sums[1]) if tensor_output and out_sums[1] > 0 else None
     agreement = 100.0 * agree / total if tensor_output and total else None
-    return Errors(layers, output, agreement)
+    return Errors(layers, output, agreement, over)
 
 
 # --- the transform ------------------------------------------------------------------------------
@@ -468,6 +474,7 @@ def calibrate(
         output_error_after=rounded(after.output),
         agreement_before=rounded(before.agreement),
         agreement_after=rounded(after.agreement),
+        agreement_over=after.over,
         seconds=round(time.perf_counter() - start, 3),
     )
     return model, record

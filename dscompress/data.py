@@ -10,9 +10,30 @@ Specs, usable everywhere a command takes ``--data``:
   torchvision (they are pickles: load only files you trust). dscompress downloads no data.
 - ``imagefolder:DIR``: ``DIR/train/<class>/*.png`` and ``DIR/val/<class>/...`` (or ``test/``).
 
-Every dataset yields ``(image, label)`` with ``image`` a float tensor (C, H, W) of the model's
+Segmentation data (a class per pixel; :data:`~dscompress.metrics.IGNORE_INDEX` 255 marks pixels
+that are not scored):
+
+- ``digits-seg``: built in and offline, from the same digits (and the same 80/20 split, so test
+  canvases hold only held-out digits). Each 32x32 canvas is a 2x2 grid of 16x16 cells; each cell
+  holds, with probability 3/4 (at least one per canvas), a digit scaled to 10-16 pixels at a
+  random place in its cell. A pixel's label is its digit's class where the ink is at least
+  :data:`DIGITS_SEG_INK` of full, else background. 11 classes: **0 is background**, class
+  ``d + 1`` is digit ``d``. 1,000 training and 250 test canvases, a function of the seed only
+  (:func:`digits_seg_arrays`).
+- ``voc:DIR``: PASCAL VOC (``JPEGImages/``, ``SegmentationClass/``,
+  ``ImageSets/Segmentation/{train,val}.txt``; DIR may also be the folder holding ``VOCdevkit/``
+  or ``VOC2012/``), 21 classes, the test split is ``val``.
+- ``segfolder:DIR``: ``DIR/images/{train,val}/NAME.jpg|png`` and ``DIR/masks/{train,val}/NAME.png``
+  (single-channel or palette PNGs whose values are class indices, 255 = ignore); the class names
+  are the lines of ``DIR/classes.txt``, or without it ``0 .. max`` over the training masks.
+
+Every dataset yields ``(image, target)`` with ``image`` a float tensor (C, H, W) of the model's
 input size: resized, grayscale repeated to 3 channels (or RGB averaged to 1), normalised with
-the ImageNet mean and standard deviation that torchvision's pretrained weights expect.
+the ImageNet mean and standard deviation that torchvision's pretrained weights expect. The
+target is a class index, or for segmentation data an int64 mask (H, W) resized nearest-neighbour
+(with half-pixel centres, as the bilinear image resize) so it stays aligned with the image. A
+dataset has ``classes`` (names, one per class index) and ``task`` (``classification`` or
+``segmentation``).
 """
 
 from __future__ import annotations
@@ -24,16 +45,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
 
 from dscompress.errors import DscompressError
+from dscompress.metrics import IGNORE_INDEX
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "test")
-KINDS = ("digits", "mnist", "cifar10", "cifar100", "imagefolder")
+KINDS = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "digits-seg", "voc", "segfolder")
+BUILT_IN = ("digits", "digits-seg")
+SEGMENTATION_KINDS = ("digits-seg", "voc", "segfolder")
 DIGITS_SEED = 0
 DIGITS_TEST_SHARE = 0.2
+# digits-seg: canvas side, grid cells per side, digit sizes, chance a cell holds a digit, the ink
+# (share of full intensity) from which a pixel is labelled with its digit, canvases per split.
+DIGITS_SEG_CANVAS = 32
+DIGITS_SEG_GRID = 2
+DIGITS_SEG_SIZES = (10, 16)
+DIGITS_SEG_FILL = 0.75
+DIGITS_SEG_INK = 0.3
+DIGITS_SEG_COUNTS = {"train": 1000, "test": 250}
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -48,10 +86,13 @@ class DataSpec:
         kind, _, root = text.partition(":")
         kind = kind.strip().lower()
         if kind not in KINDS:
-            raise DscompressError(f"unknown dataset {text!r}; use digits, mnist:DIR, cifar10:DIR, cifar100:DIR or imagefolder:DIR")
-        if kind == "digits":
+            raise DscompressError(
+                f"unknown dataset {text!r}; use digits, mnist:DIR, cifar10:DIR, cifar100:DIR or imagefolder:DIR "
+                "(segmentation: digits-seg, voc:DIR or segfolder:DIR)"
+            )
+        if kind in BUILT_IN:
             if root:
-                raise DscompressError("digits is built in and takes no folder; write --data digits")
+                raise DscompressError(f"{kind} is built in and takes no folder; write --data {kind}")
             return cls(kind)
         if not root:
             raise DscompressError(f"{kind} needs a folder: --data {kind}:DIR")
@@ -60,6 +101,11 @@ class DataSpec:
 
     def __str__(self) -> str:
         return self.kind if self.root is None else f"{self.kind}:{self.root}"
+
+    @property
+    def task(self) -> str:
+        """``segmentation`` for per-pixel labels, else ``classification``."""
+        return "segmentation" if self.kind in SEGMENTATION_KINDS else "classification"
 
 
 @dataclass(frozen=True)
@@ -119,8 +165,19 @@ def shape_images(images: torch.Tensor, input_size: tuple[int, int, int]) -> torc
     return preprocess.transform()(images).contiguous()
 
 
+def shape_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(h, w) class indices -> (height, width) int64, resized nearest-neighbour with half-pixel
+    centres (``nearest-exact``), the sampling grid of the bilinear image resize."""
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != (height, width):
+        mask = TF.resize(mask[None], [height, width], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+    return mask.long()
+
+
 class ArrayDataset(Dataset):
     """Images held in memory as uint8 (N, C, h, w), shaped to the input size one at a time."""
+
+    task = "classification"
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, input_size, classes: list[str], scale: float = 255.0):
         self.images = torch.from_numpy(np.array(images, order="C"))  # a writable copy (IDX arrays are read-only views)
@@ -140,6 +197,8 @@ class ArrayDataset(Dataset):
 class _ShapedImages(Dataset):
     """Wraps a torchvision dataset of PIL images so it yields shaped tensors."""
 
+    task = "classification"
+
     def __init__(self, dataset, input_size, classes):
         self.dataset = dataset
         self.input_size = tuple(input_size)
@@ -156,17 +215,192 @@ class _ShapedImages(Dataset):
         return shape_images(tensor, self.input_size)[0], int(label)
 
 
-def _digits(split: str, input_size) -> Dataset:
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, (N, 8, 8) float32 values 0..16 and labels, split 80/20 with a fixed seed."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = digits.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), values 0..16
     train_x, test_x, train_y, test_y = train_test_split(
-        images, digits.target, test_size=DIGITS_TEST_SHARE, random_state=DIGITS_SEED, stratify=digits.target
+        digits.images.astype(np.float32), digits.target, test_size=DIGITS_TEST_SHARE, random_state=DIGITS_SEED, stratify=digits.target
     )
-    x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
-    return ArrayDataset(x, y, input_size, [str(i) for i in range(10)], scale=16.0)
+    return (train_x, train_y) if split == "train" else (test_x, test_y)
+
+
+def _digits(split: str, input_size) -> Dataset:
+    x, y = _digits_split(split)
+    return ArrayDataset(x[:, None], y, input_size, [str(i) for i in range(10)], scale=16.0)  # (N, 1, 8, 8)
+
+
+# --- segmentation data ---------------------------------------------------------------------------
+
+
+class MaskArrayDataset(Dataset):
+    """Images (N, C, h, w) and masks (N, h, w) held in memory, shaped to the input size one at a time."""
+
+    task = "segmentation"
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, input_size, classes: list[str], scale: float = 255.0):
+        self.images = torch.from_numpy(np.array(images, order="C"))
+        self.masks = torch.from_numpy(np.array(masks, order="C"))
+        self.input_size = tuple(input_size)
+        self.classes = classes
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, index):
+        image = self.images[index : index + 1].float() / self.scale
+        _, height, width = self.input_size
+        return shape_images(image, self.input_size)[0], shape_mask(self.masks[index], height, width)
+
+
+def digits_seg_arrays(split: str, seed: int = DIGITS_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The digits-seg canvases of a split: images (N, 1, 32, 32) float32 in [0, 1] and masks
+    (N, 32, 32) uint8 (0 = background, d + 1 = digit d). The same ``seed`` gives the same arrays.
+
+    The digits come from the ``digits`` split of the same name, so test canvases hold only
+    digits that no training canvas holds.
+    """
+    x, y = _digits_split(split)
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    count, side, cell = DIGITS_SEG_COUNTS[split], DIGITS_SEG_CANVAS, DIGITS_SEG_CANVAS // DIGITS_SEG_GRID
+    images = np.zeros((count, 1, side, side), dtype=np.float32)
+    masks = np.zeros((count, side, side), dtype=np.uint8)
+    cells = [(r, c) for r in range(DIGITS_SEG_GRID) for c in range(DIGITS_SEG_GRID)]
+    for i in range(count):
+        filled = rng.random(len(cells)) < DIGITS_SEG_FILL
+        if not filled.any():
+            filled[rng.integers(len(cells))] = True
+        for (row, col), used in zip(cells, filled):
+            if not used:
+                continue
+            pick = int(rng.integers(len(x)))
+            size = int(rng.integers(DIGITS_SEG_SIZES[0], DIGITS_SEG_SIZES[1] + 1))
+            top = row * cell + int(rng.integers(cell - size + 1))
+            left = col * cell + int(rng.integers(cell - size + 1))
+            digit = torch.from_numpy(x[pick] / 16.0)[None, None].float()
+            ink = torch.nn.functional.interpolate(digit, size=(size, size), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+            images[i, 0, top : top + size, left : left + size] = ink
+            masks[i, top : top + size, left : left + size] = np.where(ink >= DIGITS_SEG_INK, y[pick] + 1, 0)
+    return images, masks
+
+
+def _digits_seg(split: str, input_size) -> Dataset:
+    images, masks = digits_seg_arrays(split)
+    return MaskArrayDataset(images, masks, input_size, ["background"] + [str(d) for d in range(10)], scale=1.0)
+
+
+class MaskFiles(Dataset):
+    """Image and mask files on disk, read and shaped one pair at a time.
+
+    A mask is a single-channel (or palette) image of class indices the size of its image; a
+    value outside ``0 .. classes - 1`` other than 255 (ignore) is an error naming the file.
+    """
+
+    task = "segmentation"
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, pairs: list[tuple[str, str]], input_size, classes: list[str], name: str):
+        self.pairs = pairs
+        self.input_size = tuple(input_size)
+        self.classes = list(classes)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        image_path, mask_path = self.pairs[index]
+        channels, height, width = self.input_size
+        try:
+            with Image.open(image_path) as image:
+                pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
+            with Image.open(mask_path) as mask_image:
+                mask = np.array(mask_image)
+        except OSError as e:
+            raise DscompressError(f"{self.name}: cannot read {image_path} or {mask_path}: {e}") from None
+        if mask.ndim != 2:
+            raise DscompressError(f"{self.name}: {mask_path} has {mask.shape[-1]} channels; a mask holds one class index per pixel (a grayscale or palette PNG)")
+        if mask.shape != pixels.shape[:2]:
+            raise DscompressError(f"{self.name}: {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is {pixels.shape[1]}x{pixels.shape[0]}")
+        check_mask(mask, len(self.classes), f"{self.name}: {mask_path}")
+        tensor = torch.from_numpy(pixels).float() / 255.0
+        tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+        return shape_images(tensor[None], self.input_size)[0], shape_mask(torch.from_numpy(mask.astype(np.int64)), height, width)
+
+
+def check_mask(mask: np.ndarray, classes: int, where: str) -> None:
+    """Raise one line when a mask holds a value that is neither a class index nor 255 (ignore)."""
+    values = np.unique(mask)
+    bad = values[(values >= classes) & (values != IGNORE_INDEX)]
+    if len(bad) or (len(values) and values.min() < 0):
+        value = int(bad[0]) if len(bad) else int(values.min())
+        raise DscompressError(f"{where} holds class {value}, outside 0..{classes - 1} ({classes} classes; {IGNORE_INDEX} = ignore)")
+
+
+def _voc(root: str, split: str, input_size) -> Dataset:
+    candidates = [root, os.path.join(root, "VOC2012"), os.path.join(root, "VOCdevkit", "VOC2012")]
+    base = next((c for c in candidates if os.path.isdir(os.path.join(c, "JPEGImages"))), None)
+    if base is None:
+        raise DscompressError(f"voc: no JPEGImages/ in {root} (nor VOC2012/ or VOCdevkit/VOC2012/ under it); give the VOC2012 folder")
+    name = "train" if split == "train" else "val"
+    listing = os.path.join(base, "ImageSets", "Segmentation", f"{name}.txt")
+    if not os.path.isfile(listing):
+        raise DscompressError(f"voc: {listing} is missing; the segmentation split lists are in ImageSets/Segmentation/")
+    with open(listing) as f:
+        stems = [line.strip() for line in f if line.strip()]
+    pairs = [(os.path.join(base, "JPEGImages", s + ".jpg"), os.path.join(base, "SegmentationClass", s + ".png")) for s in stems]
+    missing = [p for pair in pairs for p in pair if not os.path.isfile(p)]
+    if missing:
+        raise DscompressError(f"voc: {len(missing)} files listed in {listing} are missing, e.g. {missing[0]}")
+    return MaskFiles(pairs, input_size, list(VOC_CLASSES), "voc")
+
+
+def _segfolder(root: str, split: str, input_size) -> Dataset:
+    names = ("train",) if split == "train" else ("val", "test")
+    sub = next((n for n in names if os.path.isdir(os.path.join(root, "images", n))), None)
+    if sub is None:
+        raise DscompressError(f"segfolder: {root} needs images/{' or images/'.join(names)} and masks/ beside it with the same names")
+    image_dir, mask_dir = os.path.join(root, "images", sub), os.path.join(root, "masks", sub)
+    if not os.path.isdir(mask_dir):
+        raise DscompressError(f"segfolder: {mask_dir} is missing; every image in {image_dir} needs a mask there with the same name (.png)")
+    images = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not images:
+        raise DscompressError(f"segfolder: no images in {image_dir}")
+    pairs, missing = [], []
+    for file in images:
+        mask = os.path.join(mask_dir, os.path.splitext(file)[0] + ".png")
+        (pairs if os.path.isfile(mask) else missing).append((os.path.join(image_dir, file), mask))
+    if missing:
+        raise DscompressError(f"segfolder: {len(missing)} images have no mask, e.g. {missing[0][0]} (expected {missing[0][1]})")
+    return MaskFiles(pairs, input_size, _segfolder_classes(root), "segfolder")
+
+
+def _segfolder_classes(root: str) -> list[str]:
+    """The lines of ``classes.txt``, or ``0 .. max`` over the training masks (ignoring 255)."""
+    listing = os.path.join(root, "classes.txt")
+    if os.path.isfile(listing):
+        with open(listing) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if not names:
+            raise DscompressError(f"segfolder: {listing} is empty; list one class name per line")
+        return names
+    from PIL import Image
+
+    mask_dir = os.path.join(root, "masks", "train")
+    highest = 0
+    for file in sorted(os.listdir(mask_dir)) if os.path.isdir(mask_dir) else []:
+        if file.lower().endswith(".png"):
+            with Image.open(os.path.join(mask_dir, file)) as mask:
+                values = np.unique(np.array(mask))
+            values = values[values != IGNORE_INDEX]
+            highest = max(highest, int(values.max()) if len(values) else 0)
+    return [str(c) for c in range(highest + 1)]
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -258,7 +492,7 @@ def _imagefolder(root: str, split: str, input_size) -> Dataset:
 def load_dataset(spec: str | DataSpec, input_size, split: str = "train") -> Dataset:
     """The ``split`` ("train" or "test") of the dataset a spec names, shaped to ``input_size``.
 
-    The dataset has a ``classes`` attribute (class names, one per label).
+    The dataset has ``classes`` (class names, one per label) and ``task`` attributes.
     """
     spec = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec)
     if split not in SPLITS:
@@ -267,6 +501,12 @@ def load_dataset(spec: str | DataSpec, input_size, split: str = "train") -> Data
         raise DscompressError(f"{spec.kind}: folder {spec.root!r} does not exist")
     if spec.kind == "digits":
         return _digits(split, input_size)
+    if spec.kind == "digits-seg":
+        return _digits_seg(split, input_size)
+    if spec.kind == "voc":
+        return _voc(spec.root, split, input_size)
+    if spec.kind == "segfolder":
+        return _segfolder(spec.root, split, input_size)
     if spec.kind == "mnist":
         return _mnist(spec.root, split, input_size)
     if spec.kind in ("cifar10", "cifar100"):
@@ -278,14 +518,49 @@ def num_classes(dataset: Dataset) -> int:
     return len(dataset.classes)
 
 
-def check_classes(dataset: Dataset, model: torch.nn.Module, input_size, data_name: str = "the data") -> None:
-    """Raise when the model's head does not have one output per class of the dataset."""
+def data_task(dataset: Dataset) -> str:
+    """``segmentation`` for a dataset of masks, else ``classification``."""
+    return getattr(dataset, "task", "classification")
+
+
+def check_task(dataset: Dataset, task: str, data_name: str = "the data", model_name: str = "the model") -> None:
+    """Raise one line when the data's labels are not what a model of ``task`` predicts."""
+    kind = data_task(dataset)
+    if kind == task:
+        return
+    if task == "segmentation":
+        raise DscompressError(
+            f"{data_name} is classification data (one label per image) but {model_name} is a segmentation model; "
+            "give segmentation data: digits-seg, voc:DIR or segfolder:DIR"
+        )
+    raise DscompressError(
+        f"{data_name} is segmentation data (a class per pixel) but {model_name} is a classification model; "
+        "give classification data (digits, mnist:DIR, ...) or a segmentation model (`dscompress models` lists them)"
+    )
+
+
+# The output of one image batch for each task: logits (N, classes) or per-pixel logits (N, classes, H, W).
+OUTPUT_DIMS = {"classification": 2, "segmentation": 4}
+
+
+def check_classes(dataset: Dataset, model: torch.nn.Module, input_size, data_name: str = "the data",
+                  task: str = "classification", model_name: str = "the model") -> None:
+    """Raise one line when the data does not fit the model: labels of another task (see
+    :func:`check_task`), an output of the wrong shape for ``task``, or a head without one output
+    per class of the dataset."""
+    check_task(dataset, task, data_name, model_name)
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        outputs = model(torch.zeros(1, *input_size, device=device)).shape[-1]
+        output = model(torch.zeros(1, *input_size, device=device))
     model.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if not isinstance(output, torch.Tensor) or output.dim() != OUTPUT_DIMS[task]:
+        hint = " (per-pixel logits: if it is a segmentation model, say so with --task segmentation)" if isinstance(output, torch.Tensor) and output.dim() == 4 else ""
+        expected = "(N, classes)" if task == "classification" else "(N, classes, H, W)"
+        raise DscompressError(f"{model_name} returns {shape}{hint}, but a {task} model returns one tensor {expected}")
+    outputs = output.shape[1]
     classes = num_classes(dataset)
     if outputs != classes:
         raise DscompressError(

@@ -1,4 +1,5 @@
-"""Accuracy on the test split of a dataset."""
+"""Accuracy on the test split of a dataset: top-1/top-5 for classification, mean IoU and pixel
+accuracy for segmentation (the model's recorded task decides)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import nn
 
 from dscompress._util import QUIET, Progress, eval_mode, resolve_device
 from dscompress.config import Record, StepConfig, check_range, option
-from dscompress.data import DataSpec, check_classes, load_dataset, make_loader
+from dscompress.data import DataSpec, check_classes, load_dataset, make_loader, num_classes
+from dscompress.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
 
 
 @dataclass
@@ -19,7 +21,7 @@ class EvaluateConfig(StepConfig):
 
     STEP: ClassVar[str] = "evaluate"
 
-    data: str | None = option(None, "Dataset whose test split is evaluated: digits, mnist:DIR, cifar10:DIR, ...", metavar="SPEC")
+    data: str | None = option(None, "Dataset whose test split is evaluated: digits, mnist:DIR, cifar10:DIR, digits-seg, voc:DIR, ...", metavar="SPEC")
     batch_size: int = option(256, "Images per batch.")
     device: str = option("auto", "auto, cpu or cuda.")
     workers: int = option(0, "DataLoader worker processes.")
@@ -33,13 +35,28 @@ class EvaluateConfig(StepConfig):
 
 @dataclass
 class EvalRecord(Record):
-    """Top-1 and top-5 accuracy in percent on ``images`` test images of ``data``."""
+    """Scores in percent on ``images`` test images of ``data``, and the mean cross-entropy ``loss``.
+
+    Classification: ``top1``, ``top5``. Segmentation: ``miou`` (mean over the classes present),
+    ``pixel_acc``, ``iou`` per class (None for a class absent from both targets and predictions)
+    and the number of scored ``pixels``; ``loss`` is then per pixel.
+    """
 
     data: str
     images: int
-    top1: float
-    top5: float
     loss: float
+    top1: float | None = None
+    top5: float | None = None
+    task: str = "classification"
+    miou: float | None = None
+    pixel_acc: float | None = None
+    iou: list | None = None
+    pixels: int | None = None
+
+    def metrics(self) -> dict:
+        """What an artifact's metrics keep of it."""
+        keys = ("miou", "pixel_acc") if self.task == "segmentation" else ("top1", "top5")
+        return {**{k: getattr(self, k) for k in keys}, "eval_data": self.data, "eval_images": self.images}
 
 
 @torch.no_grad()
@@ -64,13 +81,51 @@ def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu", progr
     return {"images": total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
 
 
+@torch.no_grad()
+def segmentation_accuracy(model: nn.Module, loader, classes: int, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
+    """Mean IoU and pixel accuracy (percent) of ``model`` over ``loader`` of (images, masks).
+
+    Pixels labelled :data:`~dscompress.metrics.IGNORE_INDEX` are not scored. Returns ``images``,
+    ``miou``, ``pixel_acc``, ``iou`` (per class), ``pixels``, the mean per-pixel cross-entropy
+    ``loss``, and the ``confusion`` matrix (rows: true class) the scores come from, so that
+    processes can add theirs up (:func:`segmentation_scores` then scores the sum).
+    """
+    device = torch.device(device)
+    confusion = torch.zeros(classes, classes, dtype=torch.int64)
+    loss = 0.0
+    images_seen = 0
+    progress.start("evaluate", len(loader))
+    with eval_mode(model):
+        for images, masks in loader:
+            progress.advance(1)
+            images, masks = images.to(device), masks.to(device)
+            logits = model(images)
+            loss += float(nn.functional.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum"))
+            confusion += confusion_matrix(logits.argmax(1), masks, classes)
+            images_seen += len(images)
+    progress.stop()
+    scores = segmentation_scores(confusion)
+    return {"images": images_seen, **scores, "loss": loss / max(scores["pixels"], 1), "confusion": confusion}
+
+
+def task_scores(model: nn.Module, loader, task: str, classes: int, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
+    """:func:`accuracy` for a classification model, :func:`segmentation_accuracy` for a segmentation one."""
+    if task == "segmentation":
+        return segmentation_accuracy(model, loader, classes, device, progress)
+    return accuracy(model, loader, device, progress)
+
+
 def evaluate(model: nn.Module, data: str, input_size, batch_size: int = 256, device: str = "auto", workers: int = 0,
-             progress: Progress = QUIET) -> EvalRecord:
-    """Evaluate ``model`` on the test split of the dataset ``data`` names."""
+             progress: Progress = QUIET, task: str = "classification") -> EvalRecord:
+    """Evaluate ``model``, a ``task`` model, on the test split of the dataset ``data`` names."""
     config = EvaluateConfig(data=data, batch_size=batch_size, device=device, workers=workers)
     dataset = load_dataset(config.data, input_size, split="test")
     torch_device = resolve_device(config.device)
     model = model.to(torch_device)
-    check_classes(dataset, model, input_size, data_name=config.data)
-    result = accuracy(model, make_loader(dataset, config.batch_size, workers=config.workers), torch_device, progress)
-    return EvalRecord(data=config.data, **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    check_classes(dataset, model, input_size, data_name=config.data, task=task)
+    loader = make_loader(dataset, config.batch_size, workers=config.workers)
+    result = task_scores(model, loader, task, num_classes(dataset), torch_device, progress)
+    result.pop("confusion", None)
+    if result.get("iou") is not None:
+        result["iou"] = [None if v is None else round(v, 4) for v in result["iou"]]
+    return EvalRecord(data=config.data, task=task, **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})

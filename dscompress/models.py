@@ -1,9 +1,16 @@
 """Naming, building and loading the models that dscompress works on.
 
 A model is named by a :class:`ModelSpec`: a torchvision classification model
-(``resnet18``), a user factory (``package.module:factory``), optionally torchvision weights
-(``--weights``) or a local checkpoint (``--checkpoint``). Artifact folders carry their own spec
-in their manifest; see :mod:`dscompress.artifact`.
+(``resnet18``) or segmentation model (``deeplabv3_resnet50``), a user factory
+(``package.module:factory``), optionally torchvision weights (``--weights``) or a local
+checkpoint (``--checkpoint``). Artifact folders carry their own spec in their manifest; see
+:mod:`dscompress.artifact`.
+
+Every spec records its **task**: ``classification`` (the model returns logits (N, classes)) or
+``segmentation`` (logits (N, classes, H, W), one class score per pixel). The task decides the
+metric, the loss and the checks on data downstream. torchvision's segmentation models return a
+dict (``out``, and ``aux`` when built with an auxiliary head); :class:`SegmentationNet` gives them
+one output, the ``out`` logits, with the same state-dict names, so their checkpoints load as they are.
 """
 
 from __future__ import annotations
@@ -18,15 +25,20 @@ import urllib.error
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
+from torchvision.models import segmentation
 
 from dscompress.errors import DscompressError, DscompressWarning, first_line
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
+TASKS = ("classification", "segmentation")
+Task = Literal["classification", "segmentation"]
 
 
 @dataclass
@@ -34,12 +46,18 @@ class ModelSpec:
     """Everything needed to build a model again.
 
     Attributes:
-        name: a torchvision classification model name or ``package.module:factory``.
+        name: a torchvision classification or segmentation model name, ``timm:NAME`` or
+            ``package.module:factory``.
         num_classes: size of the classifier head; None keeps the model's default.
         input_size: (C, H, W) of one input image, used for shapes, MACs and export.
         weights: a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``); these download.
         checkpoint: path of a state dict (``.pt``/``.pth``/``.safetensors``) to load.
         kwargs: extra keyword arguments for the constructor.
+        task: ``classification`` or ``segmentation``; None means the task of a torchvision name
+            (:func:`task_of`), else classification. A factory of segmentation models says so.
+        aux: build a torchvision DeepLabV3/FCN with its auxiliary head (on ``layer3``), which
+            fine-tuning then trains with a weighted loss; it never reaches the export. Without it
+            the head is left out (and dropped from ``--weights`` and checkpoints that have one).
     """
 
     name: str
@@ -48,8 +66,16 @@ class ModelSpec:
     weights: str | None = None
     checkpoint: str | None = None
     kwargs: dict = field(default_factory=dict)
+    task: Task | None = None
+    aux: bool = False
 
     def __post_init__(self):
+        if self.task is None:
+            self.task = task_of(self.name)
+        if self.task not in TASKS:
+            raise DscompressError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.aux and self.task != "segmentation":
+            raise DscompressError(f"--aux adds the auxiliary head of a segmentation model; {self.name} is a {self.task} model")
         self.input_size = tuple(int(v) for v in self.input_size)
         if len(self.input_size) != 3 or min(self.input_size) < 1:
             raise DscompressError(f"input size must be C,H,W with positive values, got {self.input_size}")
@@ -85,6 +111,62 @@ def list_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def segmentation_models() -> list[str]:
+    """Torchvision segmentation models that can be named (DeepLabV3, FCN, LRASPP)."""
+    return sorted(torchvision.models.list_models(module=segmentation))
+
+
+def model_tasks() -> dict[str, str]:
+    """Every torchvision name that can be given, with its task."""
+    tasks = {name: "classification" for name in list_models()}
+    tasks.update({name: "segmentation" for name in segmentation_models()})
+    return dict(sorted(tasks.items()))
+
+
+def task_of(name: str) -> str:
+    """The task of a model name: segmentation for torchvision's segmentation models, else classification."""
+    return "segmentation" if name in segmentation_models() else "classification"
+
+
+class SegmentationNet(nn.Module):
+    """A torchvision DeepLabV3, FCN or LRASPP that returns its ``out`` logits (N, classes, H, W).
+
+    torchvision's models return ``{"out": ..., "aux": ...}``; this one returns the ``out`` tensor,
+    so that evaluation, calibration, pruning, export and benchmarks see one output. It holds the
+    same submodules under the same names (``backbone``, ``classifier``, ``aux_classifier``), so
+    state dicts are interchangeable with torchvision's. With an auxiliary head, a forward pass
+    in training mode returns ``(out, aux)``; in eval mode the head does not run, and so is not
+    exported.
+    """
+
+    def __init__(self, net: nn.Module, keep_aux: bool = False):
+        super().__init__()
+        self.backbone = net.backbone
+        self.classifier = net.classifier
+        self.aux_classifier = getattr(net, "aux_classifier", None) if keep_aux else None
+        # LRASPP's head reads the low- and high-level features; DeepLabV3's and FCN's the last only.
+        self.head_takes_all_features = isinstance(net, segmentation.LRASPP)
+
+    def forward(self, x: torch.Tensor):
+        outputs = self._heads(x, with_aux=self.training)
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    def all_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(out,)``, or ``(out, aux)`` with an auxiliary head, whatever the mode: what pruning
+        traces, so that the head only training runs keeps fitting the layers it reads."""
+        return self._heads(x, with_aux=True)
+
+    def _heads(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, ...]:
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        out = self.classifier(features if self.head_takes_all_features else features["out"])
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        if with_aux and self.aux_classifier is not None:
+            aux = F.interpolate(self.aux_classifier(features["aux"]), size=size, mode="bilinear", align_corners=False)
+            return out, aux
+        return (out,)
+
+
 TIMM_PREFIX = "timm:"
 
 
@@ -100,13 +182,15 @@ def build_model(spec: ModelSpec, load_weights: bool = True) -> nn.Module:
         model = _build_from_factory(spec)
     else:
         model = _build_torchvision(spec, load_weights)
+    if isinstance(model, (segmentation.DeepLabV3, segmentation.FCN, segmentation.LRASPP)):
+        model = SegmentationNet(model, keep_aux=spec.aux)  # a factory's torchvision model, too
     if load_weights and spec.checkpoint:
         load_checkpoint(model, spec.checkpoint)
     return model.eval()
 
 
 def _build_torchvision(spec: ModelSpec, load_weights: bool) -> nn.Module:
-    names = list_models()
+    names = list_models() + segmentation_models()
     if spec.name not in names:
         close = difflib.get_close_matches(spec.name, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -120,6 +204,8 @@ def _build_torchvision(spec: ModelSpec, load_weights: bool) -> nn.Module:
     if spec.name.startswith(("googlenet", "inception")) and not (load_weights and spec.weights):
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
+    if spec.name in segmentation_models():
+        _segmentation_kwargs(spec, kwargs, with_weights=bool(load_weights and spec.weights))
     weights = spec.weights if load_weights else None
     if weights:
         try:
@@ -136,6 +222,19 @@ def _build_torchvision(spec: ModelSpec, load_weights: bool) -> nn.Module:
             f"could not download {spec.name} weights {spec.weights} ({type(e).__name__}: {e}); "
             "without internet, download the file elsewhere and pass it with --checkpoint FILE"
         ) from None
+
+
+def _segmentation_kwargs(spec: ModelSpec, kwargs: dict, with_weights: bool) -> None:
+    """Offline by default: no ImageNet backbone weights (torchvision's factories download them
+    unless told not to); an auxiliary head only with ``spec.aux`` (torchvision's COCO weights
+    have one: it is built to load them, then left out of :class:`SegmentationNet`)."""
+    has_aux = not spec.name.startswith("lraspp")
+    if spec.aux and not has_aux:
+        raise DscompressError(f"{spec.name} has no auxiliary head; drop --aux")
+    if not with_weights:
+        kwargs.setdefault("weights_backbone", None)
+        if has_aux:
+            kwargs.setdefault("aux_loss", spec.aux)
 
 
 def _build_timm(spec: ModelSpec, load_weights: bool) -> nn.Module:
@@ -246,15 +345,17 @@ def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict:
     return state
 
 
-# Auxiliary classifiers that torchvision's googlenet and inception_v3 train with and drop for inference.
-AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+# Auxiliary classifiers that torchvision's googlenet and inception_v3 (and its segmentation
+# models) train with and drop for inference.
+AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.", "aux_classifier.")
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state dict into ``model``, or say precisely why it does not fit.
 
-    A googlenet or inception_v3 checkpoint saved with its auxiliary heads (as torchvision trains
-    them) loads into the model without them: the auxiliary weights are dropped with a warning.
+    A googlenet, inception_v3, DeepLabV3 or FCN checkpoint saved with its auxiliary heads (as
+    torchvision trains them) loads into the model without them: the auxiliary weights are dropped
+    with a warning.
     """
     state = read_state_dict(path)
     expected = model.state_dict()

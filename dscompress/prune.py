@@ -11,7 +11,13 @@ Two things Torch-Pruning does not know are handled here:
 * :class:`~dscompress.layers.DepthwiseSeparableConv2d` is pruned as one unit, at any rank
   (:mod:`dscompress.prune_tp`).
 * The layers that produce the model's output keep their output channels (the classifier keeps
-  ``num_classes``); they are found by walking back from the output (:func:`output_layers`).
+  ``num_classes``, every head of a segmentation model its classes); they are found by walking
+  back from the output (:func:`output_layers`).
+
+A model with heads that only training runs (a segmentation model's auxiliary head) says so by
+defining ``all_outputs(x)``, which returns every head's output whatever the mode
+(:class:`~dscompress.models.SegmentationNet`); pruning traces that instead of ``forward``, so such
+a head keeps its classes and still fits the channels of the layers it reads.
 """
 
 from __future__ import annotations
@@ -153,6 +159,11 @@ def _tensors_in(output) -> list[torch.Tensor]:
     return []
 
 
+def traced_forward(model: nn.Module):
+    """What pruning runs: ``model.all_outputs`` where the model has heads only training runs, else the model."""
+    return getattr(model, "all_outputs", model)
+
+
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the layers whose outputs reach the model's output without passing another layer.
 
@@ -174,7 +185,7 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
     try:
         with torch.enable_grad():
-            outputs = _tensors_in(model(example))
+            outputs = _tensors_in(traced_forward(model)(example))
     finally:
         for handle in handles:
             handle.remove()
@@ -270,7 +281,8 @@ def _kept_layers(model: nn.Module, heads: list[str], config: PruneConfig) -> lis
 
 def accumulate_gradients(model: nn.Module, batches) -> None:
     """Gradients for the taylor importance: cross-entropy of each batch against the model's own
-    predictions (its argmax), summed over ``batches``, each (N, C, H, W).
+    predictions (its argmax over dimension 1: per image, or per pixel for segmentation), summed
+    over ``batches`` (each (N, C, H, W)) and over every output (:func:`traced_forward`).
 
     Without labels this measures how much each weight supports the model's current decisions;
     random inputs (the default) make it a data-free estimate, real images a better one. The model
@@ -279,9 +291,8 @@ def accumulate_gradients(model: nn.Module, batches) -> None:
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         for x in batches:
-            logits = model(x)
-            target = logits.detach().argmax(dim=1)
-            F.cross_entropy(logits, target).backward()
+            outputs = _tensors_in(traced_forward(model)(x))
+            sum(F.cross_entropy(logits, logits.detach().argmax(dim=1)) for logits in outputs).backward()
 
 
 def _random_batches(input_size, seed: int) -> list[torch.Tensor]:
@@ -335,6 +346,7 @@ def prune(
             round_to=config.round_to,
             customized_pruners={DepthwiseSeparableConv2d: DS_PRUNER},
             root_module_types=[nn.modules.conv._ConvNd, nn.Linear, DepthwiseSeparableConv2d],
+            forward_fn=lambda module, inputs: traced_forward(module)(inputs),
         )
     _check_something_to_prune(pruner, config)
     if config.importance == "taylor":

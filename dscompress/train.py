@@ -5,6 +5,12 @@ softened outputs of a frozen ``teacher`` (by default the uncompressed model an a
 as well as the labels (:func:`~dscompress.distill.distillation_loss`). With no teacher it trains
 on the labels alone, which is also how a baseline is trained.
 
+A segmentation model (``task="segmentation"``: logits (N, classes, H, W), masks (N, H, W)) is
+trained the same way at every pixel: per-pixel cross-entropy that skips pixels labelled
+:data:`~dscompress.metrics.IGNORE_INDEX`, per-pixel distillation, and mean IoU where a
+classifier has top-1. A model built with an auxiliary head (``ModelSpec.aux``) returns
+``(out, aux)`` in training; the head adds ``aux_weight`` times its own cross-entropy.
+
 Every epoch ends with an evaluation on the test split and a checkpoint
 (:mod:`dscompress.checkpoint`). A run that is interrupted (Ctrl-C) or stopped by a non-finite
 loss keeps the last checkpoint; ``resume=True`` continues from it. The order of the training data
@@ -32,9 +38,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dscompress._util import QUIET, Progress
@@ -48,11 +56,12 @@ from dscompress.checkpoint import (
     set_rng_state,
 )
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
-from dscompress.data import DataSpec, check_classes, make_loader, num_classes
+from dscompress.data import DataSpec, check_classes, data_task, make_loader, num_classes
 from dscompress.distill import distillation_loss
 from dscompress.distributed import World, broadcast_buffers, process_device, sum_across
 from dscompress.errors import DscompressError
-from dscompress.evaluate import accuracy
+from dscompress.evaluate import task_scores
+from dscompress.metrics import IGNORE_INDEX, segmentation_scores
 
 TEACHER_ORIGINAL = "original"
 TEACHER_NONE = "none"
@@ -64,6 +73,8 @@ DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 # Config fields that may differ when resuming: they change where and how fast, not what is computed.
 RESUME_MAY_CHANGE = ("workers", "device")
 EVAL_BATCH_SIZE = 256
+# The score that chooses the best epoch and sums a run up, by task.
+HEADLINE = {"classification": "top1", "segmentation": "miou"}
 
 
 @dataclass
@@ -94,6 +105,9 @@ class FinetuneConfig(StepConfig):
         "soft outputs carry more than the labels, which keep the rest.",
     )
     temperature: float = option(4.0, "Distillation temperature; the loss is scaled by T^2 so gradients keep their size.")
+    aux_weight: float = option(
+        0.5, "Segmentation models built with --aux: weight of the auxiliary head's cross-entropy (0.5 in torchvision's reference training)."
+    )
     keep: Literal["last", "best"] = option(
         "last",
         "Which weights the result holds: the last epoch's, or the best epoch's by top-1 on --val-share of the "
@@ -127,6 +141,7 @@ class FinetuneConfig(StepConfig):
         check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         check_range("alpha", self.alpha, 0, 1)
         check_range("temperature", self.temperature, low=0, low_open=True)
+        check_range("aux_weight", self.aux_weight, low=0)
         check_range("val_share", self.val_share, 0, 1, low_open=True, high_open=True)
         if not self.teacher:
             raise ConfigError("teacher", "must be 'original', 'none', an artifact folder or a model name")
@@ -135,18 +150,23 @@ class FinetuneConfig(StepConfig):
 @dataclass
 class EpochRecord(Record):
     """One epoch. Accuracies in percent; ``lr`` as the epoch started; ``seconds`` include evaluation.
-    ``val_top1`` is on the held-out validation share (``keep="best"`` only)."""
+    ``val_top1`` is on the held-out validation share (``keep="best"`` only). A segmentation run
+    fills the ``*_miou`` and ``*_pixel_acc`` fields instead of the top-1/top-5 ones."""
 
     epoch: int
     lr: float
     train_loss: float
-    train_top1: float
-    test_top1: float
-    test_top5: float
     test_loss: float
     images_per_s: float
     seconds: float
+    train_top1: float | None = None
+    test_top1: float | None = None
+    test_top5: float | None = None
     val_top1: float | None = None
+    train_pixel_acc: float | None = None
+    test_miou: float | None = None
+    test_pixel_acc: float | None = None
+    val_miou: float | None = None
 
 
 @dataclass
@@ -166,6 +186,9 @@ class FinetuneRecord(Record):
         kept_epoch, top1, top5: the epoch whose weights the result holds and its test accuracy.
         seconds: training and evaluation time over all epochs, resumed runs included.
         resumed_at: epochs after which an interrupted run was resumed.
+        task: ``classification`` or ``segmentation``; a segmentation run fills ``start_miou``,
+            ``teacher_miou``, ``best_val_miou``, ``final_miou``, ``miou`` and ``pixel_acc``
+            (percent) instead of the top-1/top-5 fields.
     """
 
     teacher: str | None
@@ -174,8 +197,8 @@ class FinetuneRecord(Record):
     world_size: int
     train_images: int
     test_images: int
-    start_top1: float
-    start_top5: float
+    start_top1: float | None = None
+    start_top5: float | None = None
     teacher_top1: float | None = None
     val_images: int = 0
     epochs: list[EpochRecord] = field(default_factory=list)
@@ -187,6 +210,13 @@ class FinetuneRecord(Record):
     top5: float | None = None
     seconds: float = 0.0
     resumed_at: list[int] = field(default_factory=list)
+    task: str = "classification"
+    start_miou: float | None = None
+    teacher_miou: float | None = None
+    best_val_miou: float | None = None
+    final_miou: float | None = None
+    miou: float | None = None
+    pixel_acc: float | None = None
 
 
 class FinetuneInterrupted(KeyboardInterrupt):
@@ -208,11 +238,13 @@ def precision_for(amp: str, device: torch.device) -> str:
 
 
 class Augmented(Dataset):
-    """Random crops of the padded image (and horizontal flips), drawn from torch's global RNG."""
+    """Random crops of the padded image (and horizontal flips), drawn from torch's global RNG;
+    a segmentation mask is cropped and flipped with its image."""
 
     def __init__(self, dataset: Dataset, flip: bool):
         self.dataset = dataset
         self.classes = dataset.classes
+        self.task = data_task(dataset)
         _, height, width = dataset[0][0].shape
         steps = [v2.RandomCrop((height, width), padding=max(1, min(height, width) // 8), padding_mode="reflect")]
         if flip:
@@ -224,6 +256,9 @@ class Augmented(Dataset):
 
     def __getitem__(self, index):
         image, label = self.dataset[index]
+        if self.task == "segmentation":
+            image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
+            return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
         return self.transform(image), label
 
 
@@ -233,6 +268,7 @@ def split_validation(dataset: Dataset, share: float, seed: int) -> tuple[Dataset
     held = max(1, int(round(share * len(dataset))))
     train, val = Subset(dataset, sorted(order[held:])), Subset(dataset, sorted(order[:held]))
     train.classes = val.classes = dataset.classes
+    train.task = val.task = data_task(dataset)
     return train, val
 
 
@@ -264,10 +300,17 @@ def _eval_loader(dataset: Dataset, config: FinetuneConfig, world: World) -> Data
     return make_loader(dataset, EVAL_BATCH_SIZE, workers=config.workers)
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, world: World) -> dict:
-    """Top-1/top-5 (percent), mean loss and images over all processes' shares, and seconds taken."""
+def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, world: World, task: str, classes: int) -> dict:
+    """Top-1/top-5 (percent; for segmentation mean IoU and pixel accuracy), mean loss and images
+    over all processes' shares, and seconds taken."""
     begin = time.perf_counter()
-    result = accuracy(model, loader, device)
+    result = task_scores(model, loader, task, classes, device)
+    if task == "segmentation":
+        confusion = result["confusion"]
+        *counts, loss, images = sum_across(confusion.flatten().tolist() + [result["loss"] * result["pixels"], result["images"]], device, world)
+        scores = segmentation_scores(torch.tensor([round(c) for c in counts], dtype=torch.int64).reshape(confusion.shape))
+        return {"images": int(images), "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
+                "loss": loss / max(scores["pixels"], 1), "seconds": time.perf_counter() - begin}
     n = result["images"] if len(loader.dataset) else 0
     correct1, correct5, loss, images = sum_across(
         [result["top1"] * n / 100, result["top5"] * n / 100, result["loss"] * n, n], device, world
@@ -292,8 +335,11 @@ class Trainer:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, train_data: Dataset, test_data: Dataset,
-                 config: FinetuneConfig, checkpoint_dir: str | None, progress: Progress):
+                 config: FinetuneConfig, checkpoint_dir: str | None, progress: Progress, task: str = "classification"):
         self.config = config
+        self.task = task
+        self.classes = num_classes(train_data)
+        self.ignore_index = IGNORE_INDEX if task == "segmentation" else -100
         self.world = World.current()
         self.device = process_device(config.device)
         self.precision = precision_for(config.amp, self.device)
@@ -330,11 +376,12 @@ class Trainer:
         self.saved = 0  # epochs in the checkpoint
 
     def evaluate(self, model: nn.Module, loader: DataLoader | None) -> dict | None:
-        return None if loader is None else _evaluate(model, loader, self.device, self.world)
+        return None if loader is None else _evaluate(model, loader, self.device, self.world, self.task, self.classes)
 
     def new_record(self, teacher_label: str | None) -> FinetuneRecord:
         start = self.evaluate(self.student, self.test_loader)
-        return FinetuneRecord(
+        teacher = self.evaluate(self.teacher, self.test_loader) if self.teacher is not None else None
+        record = FinetuneRecord(
             teacher=teacher_label if self.teacher is not None else None,
             device=str(self.device),
             precision=self.precision,
@@ -342,10 +389,15 @@ class Trainer:
             train_images=len(self.train_loader) * self.config.batch_size * self.world.size,
             test_images=start["images"],
             val_images=len(self.val_data) if self.val_data is not None else 0,
-            start_top1=start["top1"],
-            start_top5=start["top5"],
-            teacher_top1=self.evaluate(self.teacher, self.test_loader)["top1"] if self.teacher is not None else None,
+            task=self.task,
         )
+        if self.task == "segmentation":
+            record.start_miou = start["miou"]
+            record.teacher_miou = teacher["miou"] if teacher else None
+        else:
+            record.start_top1, record.start_top5 = start["top1"], start["top5"]
+            record.teacher_top1 = teacher["top1"] if teacher else None
+        return record
 
     def restore(self) -> FinetuneRecord:
         """Load the checkpoint to continue from; returns the record so far."""
@@ -387,18 +439,24 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.sampler.set_epoch(epoch - 1)
         self.model.train()
-        loss_sum = correct = seen = 0.0
+        loss_sum = correct = counted = seen = 0.0
         self.progress.start(f"epoch {epoch}/{config.epochs}", len(self.train_loader))
         for step, (images, labels) in enumerate(self.train_loader, 1):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.model(images)
+                aux = None
+                if isinstance(logits, tuple):  # a segmentation model's (out, aux) in training (SegmentationNet)
+                    logits, aux = logits
                 teacher_logits = None
                 if self.teacher is not None:
                     with torch.no_grad():
                         teacher_logits = self.teacher(images).float()
-                loss = distillation_loss(logits.float(), teacher_logits, labels, config.alpha, config.temperature, config.label_smoothing)
+                loss = distillation_loss(logits.float(), teacher_logits, labels, config.alpha, config.temperature,
+                                         config.label_smoothing, self.ignore_index)
+                if aux is not None and config.aux_weight > 0:
+                    loss = loss + config.aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=self.ignore_index)
             step_loss = loss.detach().clone()
             if world.size > 1:
                 torch.distributed.all_reduce(step_loss)  # all processes see the same value: they stop together
@@ -416,14 +474,17 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             loss_sum += step_loss * len(labels)  # step_loss is already the mean over all processes
-            correct += float((logits.detach().argmax(-1) == labels).sum())
+            scored = labels != self.ignore_index  # every image, or for segmentation every labelled pixel
+            correct += float(((logits.detach().argmax(1) == labels) & scored).sum())
+            counted += float(scored.sum())
             seen += len(labels)
             speed = seen * world.size / max(time.perf_counter() - begin, 1e-9)
-            self.progress.advance(1, f"loss {loss_sum / seen:.4f}  acc {100 * correct / seen:.1f}%  {speed:.0f} img/s")
+            self.progress.advance(1, f"loss {loss_sum / seen:.4f}  acc {100 * correct / max(counted, 1):.1f}%  {speed:.0f} img/s")
         seconds = time.perf_counter() - begin
         self.progress.stop()
-        correct, seen_all = sum_across([correct, seen], self.device, world)
-        return {"lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen_all,
+        correct, counted, seen_all = sum_across([correct, counted, seen], self.device, world)
+        accuracy_key = "train_pixel_acc" if self.task == "segmentation" else "train_top1"
+        return {"lr": lr, "train_loss": loss_sum / seen, accuracy_key: 100 * correct / max(counted, 1),
                 "images_per_s": seen_all / seconds, "seconds": seconds}
 
     def end_epoch(self, epoch: int, train: dict, record: FinetuneRecord) -> EpochRecord:
@@ -433,18 +494,25 @@ class Trainer:
         val = self.evaluate(self.student, self.val_loader)
         entry = EpochRecord(
             epoch=epoch,
-            test_top1=test["top1"],
-            test_top5=test["top5"],
             test_loss=test["loss"],
             seconds=train.pop("seconds") + test["seconds"] + (val["seconds"] if val else 0.0),
-            val_top1=val["top1"] if val else None,
             **train,
         )
+        headline = HEADLINE[self.task]
+        if self.task == "segmentation":
+            entry.test_miou, entry.test_pixel_acc = test["miou"], test["pixel_acc"]
+            entry.val_miou = val["miou"] if val else None
+            record.final_miou = entry.test_miou
+        else:
+            entry.test_top1, entry.test_top5 = test["top1"], test["top5"]
+            entry.val_top1 = val["top1"] if val else None
+            record.final_top1 = entry.test_top1
         record.epochs.append(entry)
         record.seconds += entry.seconds
-        record.final_top1 = entry.test_top1
-        if val is not None and (record.best_val_top1 is None or val["top1"] > record.best_val_top1):
-            record.best_epoch, record.best_val_top1 = epoch, val["top1"]
+        best = getattr(record, f"best_val_{headline}")
+        if val is not None and (best is None or val[headline] > best):
+            record.best_epoch = epoch
+            setattr(record, f"best_val_{headline}", val[headline])
             self.best_state = cpu_state(self.student)
         return entry
 
@@ -460,6 +528,7 @@ def finetune(
     progress: Progress = QUIET,
     on_epoch_end: Callable[[int, FinetuneRecord], None] | None = None,
     teacher_label: str | None = None,
+    task: str = "classification",
 ) -> tuple[nn.Module, FinetuneRecord]:
     """Train ``student`` (in place) by distillation from ``teacher``, or on labels if it is None.
 
@@ -468,10 +537,12 @@ def finetune(
             ``config.keep`` names, in eval mode.
         teacher: a frozen model with the student's outputs (N, classes), sharing no parameters with it.
         train_data, test_data: datasets of (image (C, H, W), label); ``classes`` lists the class names.
+            For segmentation the labels are masks (H, W) and the outputs (N, classes, H, W).
         checkpoint_dir: where ``checkpoint.pt`` is written after every epoch (by rank 0); None for none.
         resume: continue from the checkpoint in ``checkpoint_dir``.
         progress: receives a task per epoch and a line per finished epoch.
         on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
+        task: the student's task, ``classification`` or ``segmentation`` (its ``ModelSpec.task``).
 
     Returns:
         (student, record). A non-finite loss raises :class:`DscompressError`, Ctrl-C
@@ -479,12 +550,12 @@ def finetune(
     """
     config = config or FinetuneConfig()
     input_size = tuple(train_data[0][0].shape)
-    check_classes(train_data, student.to(process_device(config.device)), input_size, data_name=config.data)
+    check_classes(train_data, student.to(process_device(config.device)), input_size, data_name=config.data, task=task)
     if teacher is not None:
         _check_teacher(student, teacher, train_data, input_size, config)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir to resume from")
-    trainer = Trainer(student, teacher, train_data, test_data, config, checkpoint_dir, progress)
+    trainer = Trainer(student, teacher, train_data, test_data, config, checkpoint_dir, progress, task)
     if resume:
         record = trainer.restore()
     else:
@@ -509,7 +580,11 @@ def finetune(
     if config.keep == "best":
         kept = next(e for e in record.epochs if e.epoch == record.best_epoch)
         student.load_state_dict(trainer.best_state)
-    record.kept_epoch, record.top1, record.top5 = kept.epoch, kept.test_top1, kept.test_top5
+    record.kept_epoch = kept.epoch
+    if task == "segmentation":
+        record.miou, record.pixel_acc = kept.test_miou, kept.test_pixel_acc
+    else:
+        record.top1, record.top5 = kept.test_top1, kept.test_top5
     return student.eval(), record
 
 
@@ -522,7 +597,7 @@ def _check_teacher(student: nn.Module, teacher: nn.Module, train_data: Dataset, 
     for p in teacher.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        outputs = teacher(torch.zeros(1, *input_size, device=device)).shape[-1]
+        outputs = teacher(torch.zeros(1, *input_size, device=device)).shape[1]  # (N, classes[, H, W])
     if outputs != num_classes(train_data):
         raise DscompressError(
             f"the teacher has {outputs} outputs but {config.data} has {num_classes(train_data)} classes; "
@@ -538,8 +613,10 @@ def _interrupted_message(saved: int, epochs: int, checkpoint_dir: str | None) ->
 
 
 def _epoch_line(e: EpochRecord, total: int) -> str:
-    val = f"  val {e.val_top1:.2f}%" if e.val_top1 is not None else ""
-    return (
-        f"epoch {e.epoch}/{total}: loss {e.train_loss:.4f}  train {e.train_top1:.2f}%{val}  test {e.test_top1:.2f}%"
-        f"  lr {e.lr:.3g}  {e.images_per_s:,.0f} img/s  {e.seconds:.1f}s"
-    )
+    if e.test_miou is not None:
+        val = f"  val mIoU {e.val_miou:.2f}%" if e.val_miou is not None else ""
+        scores = f"train pixel acc {e.train_pixel_acc:.2f}%{val}  test mIoU {e.test_miou:.2f}%  pixel acc {e.test_pixel_acc:.2f}%"
+    else:
+        val = f"  val {e.val_top1:.2f}%" if e.val_top1 is not None else ""
+        scores = f"train {e.train_top1:.2f}%{val}  test {e.test_top1:.2f}%"
+    return f"epoch {e.epoch}/{total}: loss {e.train_loss:.4f}  {scores}  lr {e.lr:.3g}  {e.images_per_s:,.0f} img/s  {e.seconds:.1f}s"

@@ -5,7 +5,8 @@ requested execution provider (:func:`~dscompress.ort.open_session`, which refuse
 fallback), feeds the same seeded random images to the session and to the PyTorch model (float32,
 on the CPU: the reference), and compares every output element-wise with
 ``|onnx - torch| <= atol + rtol * |torch|`` (numpy's ``allclose``). Optionally it also measures
-top-1 agreement on real images (``data``).
+top-1 agreement on real images (``data``): per image for a classifier, per pixel (the argmax
+over classes at every pixel) for a segmentation model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 
 from dscompress._util import eval_mode, flatten_outputs
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
-from dscompress.data import DataSpec, load_dataset, make_loader
+from dscompress.data import DataSpec, check_task, load_dataset, make_loader
+from dscompress.metrics import IGNORE_INDEX
 from dscompress.errors import DscompressError
 from dscompress.ort import check_input_size, onnx_input_shape, onnx_precision, open_session, parse_providers, read_onnx, resolve_providers
 
@@ -68,7 +70,9 @@ class ValidateConfig(StepConfig):
     )
     atol: float | None = option(None, "Absolute tolerance [default: 1e-4 for fp32, 2e-2 for fp16].")
     rtol: float | None = option(None, "Relative tolerance [default: 1e-3 for fp32, 2e-2 for fp16].")
-    data: str | None = option(None, "Also measure top-1 agreement on this dataset's test images: digits, mnist:DIR, ...", metavar="SPEC")
+    data: str | None = option(
+        None, "Also measure top-1 agreement (per pixel for segmentation) on this dataset's test images: digits, mnist:DIR, digits-seg, ...",
+        metavar="SPEC")
     data_limit: int = option(DEFAULT_DATA_LIMIT, "Test images used with --data.")
     seed: int = option(0, "Seed of the random normal input images.")
 
@@ -223,16 +227,19 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
 
     Args:
         run_onnx: a function from an image batch (N, C, H, W) float32 tensor to the ONNX
-            model's first output (N, classes) as a numpy array.
+            model's first output (N, classes), or (N, classes, H, W), as a numpy array.
         model: the PyTorch model, in eval mode, on the CPU.
-        batches: image batches (N, C, H, W), or (images, labels) pairs as a DataLoader gives.
+        batches: image batches (N, C, H, W), or (images, labels) pairs as a DataLoader gives
+            (labels (N,), or masks (N, H, W) whose 255 pixels are not scored).
         limit: stop after this many images.
 
     Returns:
-        ``images``, ``agreement`` (percent of images where both pick the same class) and, when
-        labels come with the images, each runtime's top-1 accuracy in percent.
+        ``images``, ``predictions`` (images, or pixels for per-pixel outputs), ``agreement``
+        (percent of the predictions where both pick the same class, the argmax over dimension 1)
+        and, when labels come with the images, each runtime's accuracy in percent (``onnx_top1``
+        and ``torch_top1``: per image, or per labelled pixel, i.e. pixel accuracy).
     """
-    images_seen = agree = onnx_correct = torch_correct = 0
+    images_seen = agree = predictions = scored = onnx_correct = torch_correct = 0
     labelled = True
     for batch in batches:
         images, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
@@ -242,24 +249,27 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
         if len(images) == 0:
             break
         images = images.float()
-        torch_top = _torch_outputs(model, images)[0].argmax(axis=-1)
-        onnx_top = np.asarray(run_onnx(images)).argmax(axis=-1)
+        torch_top = _torch_outputs(model, images)[0].argmax(axis=1)
+        onnx_top = np.asarray(run_onnx(images)).argmax(axis=1)
         agree += int((torch_top == onnx_top).sum())
+        predictions += torch_top.size
         if labels is None:
             labelled = False
         else:
             labels = np.asarray(labels)
-            onnx_correct += int((onnx_top == labels).sum())
-            torch_correct += int((torch_top == labels).sum())
+            valid = labels != IGNORE_INDEX if labels.ndim > 1 else np.ones(labels.shape, dtype=bool)
+            onnx_correct += int(((onnx_top == labels) & valid).sum())
+            torch_correct += int(((torch_top == labels) & valid).sum())
+            scored += int(valid.sum())
         images_seen += len(images)
         if limit is not None and images_seen >= limit:
             break
     if images_seen == 0:
         raise DscompressError("no images to measure top-1 agreement on; the dataset is empty")
-    result = {"images": images_seen, "agreement": 100.0 * agree / images_seen}
+    result = {"images": images_seen, "predictions": predictions, "agreement": 100.0 * agree / predictions}
     if labelled:
-        result["onnx_top1"] = 100.0 * onnx_correct / images_seen
-        result["torch_top1"] = 100.0 * torch_correct / images_seen
+        result["onnx_top1"] = 100.0 * onnx_correct / max(scored, 1)
+        result["torch_top1"] = 100.0 * torch_correct / max(scored, 1)
     return result
 
 
@@ -279,15 +289,17 @@ def _rebatch(loader: Iterable, batch_size: int | None) -> Iterable:
         images, labels = [stacked[0]], [stacked[1]]
 
 
-def _data_batches(data: str, input_size, batch_size: int | None):
+def _data_batches(data: str, input_size, batch_size: int | None, task: str = "classification"):
     dataset = load_dataset(data, input_size, split="test")
+    check_task(dataset, task, data)
     return _rebatch(make_loader(dataset, batch_size or 64), batch_size)
 
 
 # --- validating ----------------------------------------------------------------------------------
 
 
-def validate_onnx(onnx_path: str, model: nn.Module, input_size, config: ValidateConfig | None = None) -> ValidationRecord:
+def validate_onnx(onnx_path: str, model: nn.Module, input_size, config: ValidateConfig | None = None,
+                  task: str = "classification") -> ValidationRecord:
     """Compare an ONNX model on each requested provider with the PyTorch model it came from.
 
     Args:
@@ -295,6 +307,7 @@ def validate_onnx(onnx_path: str, model: nn.Module, input_size, config: Validate
         model: the PyTorch model (the reference), run in float32 on the CPU in eval mode.
         input_size: (C, H, W) of one image; must fit the graph's fixed dimensions.
         config: providers, batch sizes, tolerances and optional real data.
+        task: the model's task; real data must be of that task (masks for segmentation).
 
     A graph with a fixed batch is compared at that batch only (noted in the record).
     """
@@ -304,10 +317,11 @@ def validate_onnx(onnx_path: str, model: nn.Module, input_size, config: Validate
     shape = onnx_input_shape(proto)
     check_input_size(shape, input_size)
     with eval_mode(model):
-        return _validate(onnx_path, proto, shape, _reference_model(model), input_size, config)
+        return _validate(onnx_path, proto, shape, _reference_model(model), input_size, config, task)
 
 
-def _validate(onnx_path: str, proto, shape: list, reference: nn.Module, input_size: list[int], config: ValidateConfig) -> ValidationRecord:
+def _validate(onnx_path: str, proto, shape: list, reference: nn.Module, input_size: list[int], config: ValidateConfig,
+              task: str = "classification") -> ValidationRecord:
     precision = onnx_precision(proto)
     default_atol, default_rtol = TOLERANCES.get(precision, TOLERANCES["fp32"])
     atol = default_atol if config.atol is None else config.atol
@@ -363,7 +377,7 @@ def _validate(onnx_path: str, proto, shape: list, reference: nn.Module, input_si
             result.agreement = top1_agreement(
                 lambda images, s=session: s.run(None, _feed(s, images))[0],
                 reference,
-                _data_batches(config.data, input_size, fixed_batch),
+                _data_batches(config.data, input_size, fixed_batch, task),
                 limit=config.data_limit,
             )
         results.append(result)
