@@ -75,6 +75,22 @@ def atomic_path(path: str, directory: bool = False):
         raise
 
 
+def check_writable(path: str) -> None:
+    """Raise one line now, before any work, when ``path`` cannot be written: its nearest existing
+    folder is a file, or does not take files (read-only, full, or like /proc)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DscompressError(f"cannot write {path!r}: {parent!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".dscompress-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DscompressError(f"cannot write {path!r}: {parent!r} does not take files ({e.strerror}); choose another output") from None
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)

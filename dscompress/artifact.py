@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dscompress import __version__
-from dscompress._util import atomic_path, default_permissions, write_json
+from dscompress._util import atomic_path, check_writable, default_permissions, write_json
 from dscompress.config import Record, StepConfig
 from dscompress.data import Preprocess
 from dscompress.errors import DscompressError
@@ -146,13 +146,7 @@ def check_output(path: str, force: bool) -> None:
     """Refuse to overwrite an existing output unless asked to, and outputs that cannot be made."""
     if os.path.exists(path) and not force:
         raise DscompressError(f"{path!r} already exists; choose another output or pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise DscompressError(f"cannot write {path!r}: {parent!r} is a file, not a folder")
-    if parent and not os.access(parent, os.W_OK | os.X_OK):
-        raise DscompressError(f"cannot write {path!r}: {parent!r} is not writable; choose another output")
+    check_writable(path)
 
 
 def save(
@@ -396,6 +390,8 @@ def resolve(
     input_size: tuple[int, int, int] | None = None,
     checkpoint: str | None = None,
     weights: str | None = None,
+    task: str | None = None,
+    aux: bool = False,
 ) -> Source:
     """Turn a MODEL argument (a name, ``package.module:factory`` or artifact folder) into a model.
 
@@ -410,6 +406,10 @@ def resolve(
             raise DscompressError(f"{model!r} has {spec.num_classes} classes; drop --num-classes {num_classes}")
         if weights:
             raise DscompressError(f"{model!r} is an artifact with its own weights; drop --weights")
+        if task is not None and task != spec.task:
+            raise DscompressError(f"{model!r} holds a {spec.task} model; drop --task {task}")
+        if aux and not spec.aux:
+            raise DscompressError(f"{model!r} was built without an auxiliary head; drop --aux (it can only be chosen when the model is first named)")
         if input_size is not None and tuple(input_size) != tuple(spec.input_size):
             made = ",".join(map(str, spec.input_size))
             raise DscompressError(f"{model!r} was made for inputs of {made}; drop --input-size (or convert the model again at that size)")
@@ -430,6 +430,8 @@ def resolve(
         input_size=tuple(input_size) if input_size else ModelSpec.__dataclass_fields__["input_size"].default,
         weights=weights,
         checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
+        task=task,
+        aux=aux,
     )
     return Source(build_model(spec), spec)
 

@@ -25,7 +25,7 @@ from dscompress._util import choose_threads
 from dscompress.artifact import resolve
 from dscompress.config import StepConfig, describe, flag_name
 from dscompress.errors import DscompressError, DscompressWarning
-from dscompress.models import TIMM_PREFIX, list_models, parse_input_size
+from dscompress.models import TIMM_PREFIX, model_tasks, parse_input_size
 from dscompress.pipeline import run
 from dscompress.recipe import load as load_recipe
 from dscompress.render import ConsoleProgress, render, stdout_console
@@ -101,6 +101,11 @@ MODEL_OPTIONS = [
     click.Option(["--input-size"], default=None, metavar="C,H,W", help="Size of one input image [default: 3,224,224]."),
     click.Option(["--checkpoint"], default=None, metavar="FILE", help="State dict to load (.pt/.pth with weights_only, or .safetensors)."),
     click.Option(["--weights"], default=None, help="Torchvision weights name, e.g. DEFAULT (these download)."),
+    click.Option(["--task"], default=None, type=click.Choice(["classification", "segmentation"]),
+                 help="What the model predicts [default: known for torchvision names, else classification]; a factory of "
+                      "segmentation models (logits N,K,H,W) says segmentation."),
+    click.Option(["--aux"], is_flag=True, default=False,
+                 help="Segmentation (DeepLabV3, FCN): build the auxiliary head, trained by finetune (--aux-weight), never exported."),
 ]
 
 
@@ -129,8 +134,10 @@ def model_loader(kwargs: dict):
     size = kwargs.pop("input_size")
     checkpoint = kwargs.pop("checkpoint")
     weights = kwargs.pop("weights")
+    task = kwargs.pop("task")
+    aux = kwargs.pop("aux")
     size = parse_input_size(size) if size else None
-    return functools.partial(resolve, num_classes=num_classes, input_size=size, checkpoint=checkpoint, weights=weights)
+    return functools.partial(resolve, num_classes=num_classes, input_size=size, checkpoint=checkpoint, weights=weights, task=task, aux=aux)
 
 
 # --- step commands -------------------------------------------------------------------------------
@@ -190,13 +197,13 @@ def _run(spec: StepSpec, load, as_json: bool, kwargs: dict) -> None:
     context = StepContext(out=kwargs.pop("out", None), force=kwargs.pop("force", False), resume=kwargs.pop("resume", False),
                           progress=ConsoleProgress(), onnx=kwargs.pop("onnx_file", None),
                           targets=list(kwargs.pop("targets", ())), load=load)
-    source = None
-    if spec.inputs == "model":
-        source = load(kwargs.pop("model"))
-    elif spec.inputs == "onnx":
-        source = load(kwargs.pop("against"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DscompressWarning)
+        source = None
+        if spec.inputs == "model":
+            source = load(kwargs.pop("model"))
+        elif spec.inputs == "onnx":
+            source = load(kwargs.pop("against"))
         output = run_step(source, config, context, then=chained)
     for w in caught:
         if issubclass(w.category, DscompressWarning):
@@ -227,12 +234,14 @@ STEP_COMMANDS = {name: functools.partial(step_command, spec) for name, spec in S
 
 
 @click.command()
-def models():
+@click.option("--task", default=None, type=click.Choice(["classification", "segmentation"]), help="Only the models of this task.")
+def models(task):
     """List the models that can be named (your own: package.module:factory)."""
-    names = list_models()
-    click.echo("\n".join(names))
-    click.echo(f"\n{len(names)} torchvision models; also {TIMM_PREFIX}NAME (with timm installed), package.module:factory, "
-               "or an artifact folder", err=True)
+    tasks = {name: kind for name, kind in model_tasks().items() if task in (None, kind)}
+    width = max(map(len, tasks), default=0)
+    click.echo("\n".join(f"{name:<{width}}  {kind}" for name, kind in tasks.items()))
+    click.echo(f"\n{len(tasks)} torchvision models; also {TIMM_PREFIX}NAME (with timm installed), package.module:factory "
+               "(--task segmentation for per-pixel models), or an artifact folder", err=True)
 
 
 @click.command()

@@ -4,9 +4,26 @@ The toy models are importable as ``conftest:FACTORY`` (the tests folder is on ``
 is how the command line names them.
 """
 
+import socket
+
+import onnxruntime
 import pytest
 import torch
 from torch import nn
+
+
+def _online() -> bool:
+    try:
+        socket.create_connection(("download.pytorch.org", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+# Conditions some tests depend on, named in their skip reasons.
+GPU = torch.cuda.is_available()
+ONLINE = _online()
+ORT_LISTS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()  # the onnxruntime-gpu wheel
 
 
 @pytest.fixture(autouse=True)
@@ -117,3 +134,35 @@ def factory_module(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "usermodels"
+
+
+class TinySeg(nn.Module):
+    """A DeepLab in miniature for segmentation tests: a strided stem, a dilated 3x3, two atrous
+    branches concatenated (as in ASPP) and projected, a 1x1 classifier, bilinear upsampling to
+    the input size. Returns logits (N, classes, H, W)."""
+
+    def __init__(self, num_classes: int = 11):
+        super().__init__()
+
+        def block(cin, cout, kernel, dilation=1, stride=1):
+            padding = dilation * (kernel // 2)
+            return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.stem = block(3, 8, 3, stride=2)
+        self.body = block(8, 16, 3, dilation=2)
+        self.atrous = block(16, 16, 3, dilation=3)
+        self.pointwise = block(16, 16, 1)
+        self.project = block(32, 16, 1)
+        self.classifier = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        features = self.body(self.stem(x))
+        features = self.project(torch.cat([self.atrous(features), self.pointwise(features)], dim=1))
+        return nn.functional.interpolate(self.classifier(features), size=size, mode="bilinear", align_corners=False)
+
+
+def tiny_seg(num_classes: int = 11) -> TinySeg:
+    """A seeded TinySeg in eval mode (name it as ``conftest:tiny_seg --task segmentation``)."""
+    torch.manual_seed(0)
+    return TinySeg(num_classes).eval()

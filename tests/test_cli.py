@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,32 +35,101 @@ def test_convert_json(tmp_path):
 
 
 def test_convert_energy_budget_and_dilation_options(tmp_path):
-    for i, extra in enumerate([["--energy", "0.5"], ["--macs-budget", "0.25"], ["--dilation", "rf"], ["--dilation", "2", "--include", "layer4"]]):
-        result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--json", "-o", tmp_path / str(i), *extra)
+    def convert(name, *extra):
+        result = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--json", "-o", tmp_path / name, *extra)
         assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert {layer["name"] for layer in data["layers"]} == {"layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"}
+        return json.loads(result.stdout)
+
+    energy = convert("energy", "--energy", "0.5")
+    assert all(layer["fit_error"] ** 2 <= 0.5 + 1e-6 and 1 <= layer["rank"] <= layer["full_rank"] for layer in energy["layers"])
+    budget = convert("budget", "--macs-budget", "0.25")
+    assert budget["converted_macs_after"] <= 0.25 * budget["converted_macs_before"]
+    assert max(layer["rank"] for layer in budget["layers"]) > 1  # the budget buys more than rank 1 somewhere
+    rf = convert("rf", "--dilation", "rf")  # resnet18's only kernel over 3x3 is the RGB stem, which is skipped
+    assert all(layer["kernel_after"] == [3, 3] and layer["dilation_after"] == [1, 1] for layer in rf["layers"])
+    dilated = convert("dilated", "--dilation", "2", "--include", "layer4")
+    assert {layer["name"] for layer in dilated["layers"]} == {"layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"}
+    assert all(layer["dilation_after"] == [2, 2] and layer["function_changed"] for layer in dilated["layers"])
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["convert", "resnet81", "-o", "x"], "unknown model 'resnet81'; did you mean"),
-        (["convert", "resnet18", "--include", "layer9", "-o", "x"], "matches no conv layer"),
-        (["convert", "resnet18", "--rank", "two", "-o", "x"], "rank must be"),
-        (["convert", "resnet18", "--input-size", "3,abc", "-o", "x"], "--input-size"),
-        (["convert", "resnet18", "--checkpoint", "/nonexistent.pt", "-o", "x"], "does not exist"),
-        (["convert", "/nonexistent-dir/", "-o", "x"], "is not an artifact folder (no such folder)"),
-        (["report", "/nonexistent"], "does not exist"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """What the bad inputs below refer to: artifacts (good and damaged), a file, user factories."""
+    root = tmp_path_factory.mktemp("bad")
+    art = root / "art"
+    assert run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "-o", art).exit_code == 0
+    for name, damage in [("short-original", "truncate"), ("text-version", "version"), ("null-model", "model")]:
+        shutil.copytree(art, root / name)
+        if damage == "truncate":
+            original = root / name / "original.safetensors"
+            os.truncate(original, os.path.getsize(original) // 2)
+        else:
+            manifest = json.loads((root / name / "manifest.json").read_text())
+            manifest.update({"format_version": "1"} if damage == "version" else {"model": None})
+            (root / name / "manifest.json").write_text(json.dumps(manifest))
+    (root / "afile").write_text("not a folder")
+    (root / "badfactories.py").write_text(
+        "import urllib.error\n"
+        "def needs_args(model_name):\n    raise AssertionError('never built')\n"
+        "def downloads(num_classes=10):\n    raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')\n"
+        "def segmenter(num_classes=10):\n"
+        "    import torch\n"
+        "    class Seg(torch.nn.Module):\n"
+        "        def __init__(self):\n            super().__init__()\n            self.conv = torch.nn.Conv2d(3, num_classes, 3, padding=1)\n"
+        "        def forward(self, x):\n            return {'out': self.conv(x)}\n"
+        "    return Seg()\n"
+    )
+    return root
+
+
+R18 = ["--num-classes", "10", "--input-size", "3,32,32"]
+# (arguments, the one line's expected text). Every one exits with status 2 and writes nothing.
+BAD_INPUTS = [
+    (["convert", "resnet81", "-o", "{out}"], "unknown model 'resnet81'; did you mean"),
+    (["convert", "resnet18", "--include", "layer9", "-o", "{out}"], "matches no conv layer"),
+    (["convert", "resnet18", "--rank", "two", "-o", "{out}"], "--rank must be an integer or full, got 'two'"),
+    (["convert", "resnet18", "--input-size", "3,abc", "-o", "{out}"], "--input-size must be C,H,W"),
+    (["convert", "resnet18", "--input-size", "3,32", "-o", "{out}"], "--input-size must be C,H,W with positive values, such as 3,224,224; got '3,32'"),
+    (["convert", "resnet18", "--input-size", "1,32,32", "-o", "{out}"], "does not run on inputs of size 1,32,32: Given groups=1, weight of size [64, 3, 7, 7], expected input[1, 1, 32, 32] to have 3 channels"),
+    (["convert", "resnet18", "--checkpoint", "/nonexistent.pt", "-o", "{out}"], "checkpoint '/nonexistent.pt' does not exist"),
+    (["convert", "/nonexistent-dir/", "-o", "{out}"], "is not an artifact folder (no such folder)"),
+    (["convert", "mobilenet_v2", *R18, "-o", "{out}"], "nothing to convert in mobilenet_v2: 1 in_channels 3 < min_channels 4; 17 already depthwise"),
+    (["convert", "resnet18", *R18, "-o", "/proc/x"], "cannot write '/proc/x': '/proc' does not take files"),
+    (["convert", "resnet18", *R18, "-o", "{root}/afile/x"], "/afile' is a file, not a folder"),
+    (["convert", "badfactories:needs_args", "-o", "{out}"], "badfactories:needs_args raised TypeError: needs_args() missing 1 required positional argument: 'model_name'"),
+    (["convert", "badfactories:downloads", *R18, "-o", "{out}"], "badfactories:downloads tried to download weights (URLError"),
+    (["prune", "{root}/short-original", "--ratio", "0.5", "-o", "{out}"], "original.safetensors: Error while deserializing header"),
+    (["evaluate", "{root}/text-version", "--data", "digits"], "'format_version' should be int, not str; the artifact is damaged"),
+    (["evaluate", "{root}/null-model", "--data", "digits"], "'model' should be dict, not NoneType"),
+    (["evaluate", "{root}/art", "--data", "digits", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["evaluate", "{root}/art", "--data", "digits", "--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["evaluate", "resnet18", "--input-size", "3,16,16", "--data", "digits"], "digits has 10 classes but the model has 1000 outputs"),
+    (["evaluate", "{root}/art", "--data", "cifar10:{root}"], "cifar10: no cifar-10-batches-py/ under"),
+    (["export", "{root}/art", "--input-size", "3,64,64", "-o", "{out}.onnx"], "was made for inputs of 3,32,32; drop --input-size"),
+    (["export", "{root}/art", "-o", "/proc/x.onnx"], "cannot write '/proc/x.onnx': '/proc' does not take files"),
+    (["report", "/nonexistent"], "does not exist"),
+    (["report", "{root}/afile"], "is a file, not an artifact folder"),
+    (["bench", "{root}/art", "--batch-sizes", "1,x"], "--batch-sizes must be an integer, got 'x'"),
+    (["prune", "{root}/art", "--ratio", "1.5", "-o", "{out}"], "--ratio must be in (0, 1), got 1.5"),
+    (["calibrate", "{root}/art", "--data", "digits", "--batch-size", "1", "-o", "{out}"], "--batch-size must be at least 2 to re-estimate BatchNorm"),
+    (["finetune", "{root}/art", "--data", "digits", "--epochs", "0", "-o", "{out}"], "--epochs must be at least 1, got 0"),
+    (["convert", "resnet18", "--trace", "jit", "-o", "{out}"], "--trace must be one of auto, fx, hooks; got 'jit'"),
+    (["convert", "resnet18", "--frobnicate", "-o", "{out}"], "No such option '--frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_one_line_and_exit_2(args, message, bad_inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(cli, args)
+    monkeypatch.syspath_prepend(str(bad_inputs))
+    out = tmp_path / "x"
+    result = CliRunner().invoke(cli, [a.format(root=bad_inputs, out=out) for a in args])
     assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert len(result.output.strip().splitlines()) == 1
-    assert not os.path.exists(tmp_path / "x")
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0]
+    assert not os.path.exists(out) and not os.path.exists(f"{out}.onnx")
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # nothing half-written
 
 
 def test_existing_output_needs_force(tmp_path):
@@ -91,3 +161,38 @@ def test_models_lists_names():
 def test_python_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "dscompress", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "dscompress" in result.stdout
+
+
+def test_disk_full_during_convert_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import dscompress.artifact
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(dscompress.artifact, "save_file", full)
+    result = CliRunner().invoke(cli, ["convert", "resnet18", *R18, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no space left on the device while writing" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_random_weights_and_factories_from_the_current_folder(tmp_path):
+    """The console script imports package.module:factory from the folder it runs in, as python -m does."""
+    examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+    script = os.path.join(os.path.dirname(sys.executable), "dscompress")
+    done = subprocess.run([script, "convert", "custom_model:make_net", "--num-classes", "10", "--input-size", "3,16,16", "-o", str(tmp_path / "net")],
+                          cwd=examples, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "custom_model:make_net has random weights (no --checkpoint or --weights)" in done.stderr
+    assert os.path.isfile(tmp_path / "net" / "manifest.json")
+
+
+def test_googlenet_checkpoint_with_auxiliary_heads_loads(tmp_path):
+    import torch
+    import torchvision
+
+    trained = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=True)  # as torchvision trains it
+    torch.save(trained.state_dict(), tmp_path / "googlenet.pt")
+    result = CliRunner().invoke(cli, ["convert", "googlenet", *R18, "--checkpoint", str(tmp_path / "googlenet.pt"), "-o", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert "dropped" in result.stderr and "auxiliary-classifier tensors (aux1." in result.stderr

@@ -316,3 +316,40 @@ def test_pruned_model_exports_and_validates(tmp_path):
     exported = export_onnx(pruned, SIZE, str(tmp_path / "pruned.onnx"), ExportConfig())
     assert exported.exporter == "dynamo"
     assert exported.validation_status == "pass", exported.failure()
+
+
+def test_a_graph_that_fails_validation_never_replaces_a_validated_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.onnx")
+    first = export_onnx(make_tiny(), SIZE, path, ExportConfig(exporter="torchscript", providers=["cpu"]))
+    assert first.validation_status == "pass" and first.path == path
+    good = open(path, "rb").read()
+
+    def disagree(onnx_path, model, input_size, config):  # as if ONNX Runtime computed something else
+        record = real_validate(onnx_path, model, input_size, config)
+        record.providers[0].status, record.providers[0].reason = "fail", "logits at batch 1: 10 of 10 values outside tolerance"
+        return record
+
+    real_validate = exporting.validate_onnx
+    monkeypatch.setattr(exporting, "validate_onnx", disagree)
+    result = CliRunner().invoke(cli, ["export", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "-o", path, "--force", "--providers", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "failed: validation fail" in result.stderr and "kept at" in result.stderr and "m.failed.onnx" in result.stderr
+    assert open(path, "rb").read() == good  # the validated export is still there
+    assert os.path.isfile(tmp_path / "m.failed.onnx")
+
+
+def test_preprocessing_travels_in_the_metadata(resnet_export):
+    props = {p.key: p.value for p in onnx.load(resnet_export["onnx"]).metadata_props}
+    preprocess = json.loads(props["dscompress.preprocess"])
+    assert preprocess["input_size"] == [3, 32, 32] and preprocess["mean"] == [0.485, 0.456, 0.406]
+    assert preprocess["value_range"] == [0.0, 1.0]
+
+
+def test_disk_full_during_export_is_one_line(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporting.onnx, "save_model", full)
+    with pytest.raises(DscompressError, match="No space left on device; free some space"):
+        export_onnx(make_tiny(), SIZE, str(tmp_path / "m.onnx"), ExportConfig(exporter="torchscript"))
+    assert os.listdir(tmp_path) == []

@@ -1,25 +1,11 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from dscompress import decompose
 from dscompress.layers import DepthwiseSeparableConv2d
-
-
-def fitted_pair(conv: nn.Conv2d, rank: int) -> DepthwiseSeparableConv2d:
-    layer = DepthwiseSeparableConv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.bias is not None, conv.padding_mode, rank=rank, dtype=conv.weight.dtype,
-    )
-    depthwise, pointwise = decompose.factorize(conv.weight, rank)
-    with torch.no_grad():
-        layer.depthwise.weight.copy_(depthwise)
-        layer.pointwise.weight.copy_(pointwise)
-        if conv.bias is not None:
-            layer.pointwise.bias.copy_(conv.bias)
-    return layer
 
 
 conv_configs = st.fixed_dictionaries(
@@ -46,9 +32,8 @@ def build_conv(cfg) -> nn.Conv2d | None:
 @given(cfg=conv_configs, rank=st.integers(1, 4), size=st.tuples(st.integers(14, 20), st.integers(14, 20)))
 def test_output_shape_matches_conv(cfg, rank, size):
     conv = build_conv(cfg)
-    if conv is None:
-        return
-    layer = fitted_pair(conv, rank).double()
+    assume(conv is not None)
+    layer = DepthwiseSeparableConv2d.from_conv(conv, rank).double()
     x = torch.randn(2, cfg["in_channels"], *size, dtype=torch.float64)
     assert layer(x).shape == conv(x).shape
 
@@ -57,9 +42,8 @@ def test_output_shape_matches_conv(cfg, rank, size):
 @given(cfg=conv_configs, size=st.tuples(st.integers(14, 20), st.integers(14, 20)))
 def test_full_rank_is_exact(cfg, size):
     conv = build_conv(cfg)
-    if conv is None:
-        return
-    layer = fitted_pair(conv, decompose.full_rank(conv.weight)).double()
+    assume(conv is not None)
+    layer = DepthwiseSeparableConv2d.from_conv(conv, decompose.full_rank(conv.weight)).double()
     x = torch.randn(2, cfg["in_channels"], *size, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-9, atol=1e-9)
 
@@ -68,8 +52,7 @@ def test_full_rank_is_exact(cfg, size):
 @given(cfg=conv_configs)
 def test_fit_error_decreases_with_rank(cfg):
     conv = build_conv(cfg)
-    if conv is None:
-        return
+    assume(conv is not None)
     singular_values = decompose.channel_singular_values(conv.weight)
     errors = [decompose.relative_error(singular_values, r) for r in range(1, decompose.full_rank(conv.weight) + 1)]
     assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:]))
@@ -95,7 +78,7 @@ def test_depthwise_half_is_grouped_and_dilated():
 @pytest.mark.parametrize("dilation", [1, 2, 3])
 def test_dilated_conv_reproduced(dilation):
     conv = nn.Conv2d(4, 6, 3, padding=dilation, dilation=dilation, dtype=torch.float64)
-    layer = fitted_pair(conv, 6).double()
+    layer = DepthwiseSeparableConv2d.from_conv(conv, 6).double()
     x = torch.randn(1, 4, 11, 11, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x))
     if dilation > 1:  # ignoring dilation would give a different function

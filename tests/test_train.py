@@ -326,3 +326,34 @@ def test_torchrun_two_processes_on_cpu(baseline, converted, workdir):
     assert [s["step"] for s in artifact.steps] == ["finetune", "convert", "finetune"]
     assert evaluate(artifact.model(), "digits", (3, 16, 16), device="cpu").top1 == pytest.approx(record["top1"], abs=1e-3)
     assert not os.path.exists(work_folder(out))
+
+
+# --- what is kept, and augmentation ------------------------------------------------------------------
+
+
+def test_keep_best_chooses_on_held_out_training_images_not_the_test_split():
+    size = (3, 8, 8)
+    train, test = load_dataset("digits", size, "train"), load_dataset("digits", size, "test")
+    config = FinetuneConfig(epochs=2, teacher="none", keep="best", val_share=0.2, device="cpu", lr=0.1)
+    model, record = finetune(small_net(), None, train, test, config)
+    assert record.val_images == round(0.2 * len(train)) and record.train_images <= len(train) - record.val_images
+    best = max(record.epochs, key=lambda e: (e.val_top1, -e.epoch))
+    assert record.best_epoch == record.kept_epoch == best.epoch
+    assert record.top1 == best.test_top1  # reported on the test split, chosen without it
+    assert FinetuneConfig().keep == "last"
+
+
+def test_augmentation_crops_and_flips_only_when_asked():
+    from dscompress.train import Augmented
+
+    data = load_dataset("digits", (3, 16, 16), "train")
+    image, label = data[0]
+    torch.manual_seed(0)
+    crops = [Augmented(data, flip=False)[0] for _ in range(8)]
+    assert all(x.shape == image.shape and y == label for x, y in crops)
+    assert any(not torch.equal(x, image) for x, _ in crops)  # shifted by up to 2 pixels
+    with pytest.raises(DscompressError, match="--augment must be one of none, crop, crop\\+flip"):
+        FinetuneConfig(augment="mixup")
+    config = FinetuneConfig(epochs=1, teacher="none", augment="crop", device="cpu")
+    _, record = finetune(small_net(), None, load_dataset("digits", (3, 8, 8)), load_dataset("digits", (3, 8, 8), "test"), config)
+    assert len(record.epochs) == 1
