@@ -26,7 +26,7 @@ COMMANDS = {
     "calibrate": "Refit a converted model to its original on real images, without training.",
     "prune": "Remove MODEL's least important channels (Torch-Pruning) and save an artifact.",
     "finetune": "Fine-tune MODEL by distillation from its original (or train it: --teacher none) and save an artifact.",
-    "evaluate": "Top-1 and top-5 accuracy of MODEL (an artifact records it) on the test split.",
+    "evaluate": "Accuracy of MODEL on the test split: top-1/top-5, or mIoU and pixel accuracy (an artifact records it).",
     "export": "Export MODEL to ONNX and validate it on ONNX Runtime.",
     "validate": "Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider.",
     "bench": "Latency and throughput of models side by side, on PyTorch and ONNX Runtime.",

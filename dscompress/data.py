@@ -548,7 +548,6 @@ def check_classes(dataset: Dataset, model: torch.nn.Module, input_size, data_nam
     """Raise one line when the data does not fit the model: labels of another task (see
     :func:`check_task`), an output of the wrong shape for ``task``, or a head without one output
     per class of the dataset."""
-    check_task(dataset, task, data_name, model_name)
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
@@ -556,10 +555,13 @@ def check_classes(dataset: Dataset, model: torch.nn.Module, input_size, data_nam
         output = model(torch.zeros(1, *input_size, device=device))
     model.train(was_training)
     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    per_pixel = isinstance(output, torch.Tensor) and output.dim() == 4
+    if task == "classification" and per_pixel:
+        raise DscompressError(f"{model_name} returns {shape} (per-pixel logits: if it is a segmentation model, say so with --task segmentation)")
+    check_task(dataset, task, data_name, model_name)
     if not isinstance(output, torch.Tensor) or output.dim() != OUTPUT_DIMS[task]:
-        hint = " (per-pixel logits: if it is a segmentation model, say so with --task segmentation)" if isinstance(output, torch.Tensor) and output.dim() == 4 else ""
         expected = "(N, classes)" if task == "classification" else "(N, classes, H, W)"
-        raise DscompressError(f"{model_name} returns {shape}{hint}, but a {task} model returns one tensor {expected}")
+        raise DscompressError(f"{model_name} returns {shape}, but a {task} model returns one tensor {expected}")
     outputs = output.shape[1]
     classes = num_classes(dataset)
     if outputs != classes:

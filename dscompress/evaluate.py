@@ -116,13 +116,14 @@ def task_scores(model: nn.Module, loader, task: str, classes: int, device: torch
 
 
 def evaluate(model: nn.Module, data: str, input_size, batch_size: int = 256, device: str = "auto", workers: int = 0,
-             progress: Progress = QUIET, task: str = "classification") -> EvalRecord:
-    """Evaluate ``model``, a ``task`` model, on the test split of the dataset ``data`` names."""
+             progress: Progress = QUIET, task: str = "classification", model_name: str = "the model") -> EvalRecord:
+    """Evaluate ``model``, a ``task`` model, on the test split of the dataset ``data`` names
+    (``model_name`` names it in errors)."""
     config = EvaluateConfig(data=data, batch_size=batch_size, device=device, workers=workers)
     dataset = load_dataset(config.data, input_size, split="test")
     torch_device = resolve_device(config.device)
     model = model.to(torch_device)
-    check_classes(dataset, model, input_size, data_name=config.data, task=task)
+    check_classes(dataset, model, input_size, data_name=config.data, task=task, model_name=model_name)
     loader = make_loader(dataset, config.batch_size, workers=config.workers)
     result = task_scores(model, loader, task, num_classes(dataset), torch_device, progress)
     result.pop("confusion", None)

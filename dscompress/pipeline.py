@@ -113,7 +113,8 @@ def _source(recipe: Recipe, current: str | None) -> Source:
         return resolve(current)
     model = recipe.model
     size = tuple(model["input_size"]) if model.get("input_size") else None
-    return resolve(model["name"], num_classes=model.get("num_classes"), input_size=size, checkpoint=model.get("checkpoint"), weights=model.get("weights"))
+    return resolve(model["name"], num_classes=model.get("num_classes"), input_size=size, checkpoint=model.get("checkpoint"),
+                   weights=model.get("weights"), task=model.get("task"), aux=bool(model.get("aux")))
 
 
 def _execute(step: Step, recipe: Recipe, output: str, current: str | None, onnx_path: str | None, models: list[str],
@@ -140,10 +141,11 @@ def _execute(step: Step, recipe: Recipe, output: str, current: str | None, onnx_
         _check(step, record, output)
         return _summary(record)
     metrics = result.artifact.metrics
-    summary = {k: metrics[k] for k in ("top1", "macs", "params") if metrics.get(k) is not None}
-    if recipe.data and "top1" not in summary:  # every model of a run gets an accuracy for the report
+    score = "miou" if result.artifact.spec.task == "segmentation" else "top1"
+    summary = {k: metrics[k] for k in (score, "macs", "params") if metrics.get(k) is not None}
+    if recipe.data and score not in summary:  # every model of a run gets an accuracy for the report
         evaluated = run_step(resolve(result.artifact.path), EvaluateConfig(data=recipe.data, device=device or "auto"))
-        summary["top1"] = evaluated.record.top1
+        summary[score] = getattr(evaluated.record, score)
     return summary
 
 
@@ -154,7 +156,7 @@ def _summary(record) -> dict:
     if isinstance(record, ValidationRecord):
         return {"validation": record.status}
     if isinstance(record, EvalRecord):
-        return {"top1": record.top1, "top5": record.top5}
+        return {"miou": record.miou, "pixel_acc": record.pixel_acc} if record.task == "segmentation" else {"top1": record.top1, "top5": record.top5}
     if isinstance(record, BenchResults):
         return {"targets": sorted({r.target for r in record.results})}
     return {}

@@ -114,7 +114,7 @@ def _calibration(record: CalibrationRecord) -> list:
     if record.output_error_before is not None:
         lines.append(f"output error vs the original: {record.output_error_before:.4f} -> {record.output_error_after:.4f}")
     if record.agreement_before is not None:
-        lines.append(f"same top-1 class as the original: {record.agreement_before:.1f}% -> {record.agreement_after:.1f}% of images")
+        lines.append(f"same top-1 class as the original: {record.agreement_before:.1f}% -> {record.agreement_after:.1f}% of {record.agreement_over}")
     if record.config.get("bn"):
         lines.append(f"BatchNorm statistics re-estimated in {record.bn_layers} layers" if record.bn_reestimated else "no BatchNorm layers to re-estimate")
     worse = [layer.name for layer in record.layers if layer.error_after > layer.error_before]
@@ -154,21 +154,32 @@ def _prune(record: PruneRecord) -> list:
     ]
 
 
+# Per task: (title, EpochRecord field) of the training, validation and test score columns, and
+# (title, FinetuneRecord field) of the start, kept and teacher scores.
+_EPOCH_COLUMNS = {
+    "classification": [("train top-1", "train_top1"), ("val top-1", "val_top1"), ("test top-1", "test_top1"), ("test top-5", "test_top5")],
+    "segmentation": [("train pixel acc", "train_pixel_acc"), ("val mIoU", "val_miou"), ("test mIoU", "test_miou"),
+                     ("test pixel acc", "test_pixel_acc")],
+}
+_HEADLINES = {"classification": ("top-1", "start_top1", "top1", "teacher_top1"), "segmentation": ("mIoU", "start_miou", "miou", "teacher_miou")}
+
+
 @renders(FinetuneRecord)
 def _finetune(record: FinetuneRecord) -> list:
     how = f"distilled from {record.teacher}" if record.teacher else "trained on labels"
     validation = record.val_images > 0
-    columns = ["epoch", "lr", "train loss", "train top-1"] + (["val top-1"] if validation else []) + ["test top-1", "test top-5", "img/s", "seconds"]
+    scores = [(title, key) for title, key in _EPOCH_COLUMNS[record.task] if validation or not key.startswith("val_")]
+    columns = ["epoch", "lr", "train loss"] + [title for title, _ in scores] + ["img/s", "seconds"]
     shown = table(f"fine-tuned for {len(record.epochs)} epochs, {how} ({record.device}, {record.precision})", columns)
     for e in record.epochs:
         mark = " *" if e.epoch == record.kept_epoch else ""
-        val = [f"{e.val_top1:.2f}"] if validation else []
-        shown.add_row(f"{e.epoch}{mark}", f"{e.lr:.3g}", f"{e.train_loss:.4f}", f"{e.train_top1:.2f}", *val,
-                      f"{e.test_top1:.2f}", f"{e.test_top5:.2f}", f"{e.images_per_s:,.0f}", f"{e.seconds:.1f}")
+        cells = [f"{getattr(e, key):.2f}" if getattr(e, key) is not None else "-" for _, key in scores]
+        shown.add_row(f"{e.epoch}{mark}", f"{e.lr:.3g}", f"{e.train_loss:.4f}", *cells, f"{e.images_per_s:,.0f}", f"{e.seconds:.1f}")
     chosen = f"best on {record.val_images} held-out training images" if validation else "the last"
-    lines = [f"test top-1: {record.start_top1:.2f}% before -> {record.top1:.2f}% (epoch {record.kept_epoch}, {chosen}; * above)"]
-    if record.teacher_top1 is not None:
-        lines.append(f"teacher top-1: {record.teacher_top1:.2f}%")
+    name, start, kept, teacher = _HEADLINES[record.task]
+    lines = [f"test {name}: {getattr(record, start):.2f}% before -> {getattr(record, kept):.2f}% (epoch {record.kept_epoch}, {chosen}; * above)"]
+    if getattr(record, teacher) is not None:
+        lines.append(f"teacher {name}: {getattr(record, teacher):.2f}%")
     extra = f", resumed after epoch {', '.join(map(str, record.resumed_at))}" if record.resumed_at else ""
     lines.append(f"took {record.seconds:.1f}s on {record.world_size} process(es){extra}")
     return [shown, *lines]
@@ -176,6 +187,9 @@ def _finetune(record: FinetuneRecord) -> list:
 
 @renders(EvalRecord)
 def _evaluation(record: EvalRecord) -> list:
+    if record.task == "segmentation":
+        return [f"{record.data} ({record.images} test images, {record.pixels:,} scored pixels): mIoU {record.miou:.2f}%  "
+                f"pixel accuracy {record.pixel_acc:.2f}%"]
     return [f"{record.data} ({record.images} test images): top-1 {record.top1:.2f}%  top-5 {record.top5:.2f}%"]
 
 
@@ -201,7 +215,12 @@ def _validation(record: ValidationRecord, title: str | None = None) -> list:
     lines += [f"note: {note}" for note in record.notes if not note.startswith("auto skipped")]
     for result in record.providers:
         a = result.agreement
-        if a:
+        if a and a.get("over") == "pixels":
+            line = f"{result.provider}: per-pixel argmax agreement with PyTorch {a['agreement']:.2f}% on {a['predictions']:,} pixels of {a['images']} images"
+            if "onnx_top1" in a:
+                line += f" (pixel accuracy: ONNX {a['onnx_top1']:.2f}%, PyTorch {a['torch_top1']:.2f}%)"
+            lines.append(line)
+        elif a:
             line = f"{result.provider}: top-1 agreement with PyTorch {a['agreement']:.2f}% on {a['images']} images"
             if "onnx_top1" in a:
                 line += f" (top-1 accuracy: ONNX {a['onnx_top1']:.2f}%, PyTorch {a['torch_top1']:.2f}%)"

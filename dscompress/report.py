@@ -19,6 +19,8 @@ from dscompress.runstate import is_run, run_models
 COLUMNS = [
     ("top1", "top-1 %", "{:.2f}"),
     ("top5", "top-5 %", "{:.2f}"),
+    ("miou", "mIoU %", "{:.2f}"),  # segmentation
+    ("pixel_acc", "pixel acc %", "{:.2f}"),
     ("params", "params", "{:,}"),
     ("macs", "MACs", "{:,}"),
     ("size_bytes", "size MB", None),
@@ -70,6 +72,7 @@ def _row(artifact: Artifact) -> dict:
         "name": os.path.basename(os.path.normpath(artifact.path)),
         "path": artifact.path,
         "model": artifact.spec.name,
+        "task": artifact.spec.task,
         "steps": [s["step"] for s in artifact.steps],
         **metrics,
     }
@@ -85,25 +88,27 @@ def _row(artifact: Artifact) -> dict:
 
 def _original_row(artifact: Artifact) -> dict:
     """The uncompressed original an artifact keeps, measured like an artifact (its accuracy from
-    the records: the teacher's top-1 of a distillation, or the baseline's own training)."""
+    the records: the teacher's top-1 (mIoU) of a distillation, or the baseline's own training)."""
     model = artifact.original_model()
     size = artifact.spec.input_size
-    top1 = None
+    key = SCORES[artifact.spec.task][0]
+    score = None
     for step in artifact.steps:
         record = step.get("record") or {}
-        if step["step"] == "finetune" and record.get("teacher") is None and top1 is None:
-            top1 = record.get("top1")  # the baseline, trained here
+        if step["step"] == "finetune" and record.get("teacher") is None and score is None:
+            score = record.get(key)  # the baseline, trained here
         if step["step"] == "finetune" and str(record.get("teacher", "")).endswith("(original)"):
-            top1 = record.get("teacher_top1")
+            score = record.get(f"teacher_{key}")
     return {
         "name": f"{os.path.basename(os.path.normpath(artifact.path))} (original)",
         "path": os.path.join(artifact.path, artifact.manifest["files"]["original"]),
         "model": artifact.spec.name,
+        "task": artifact.spec.task,
         "steps": [],
         "params": count_params(model),
         "macs": count_macs(model, size),
         "size_bytes": os.path.getsize(os.path.join(artifact.path, artifact.manifest["files"]["original"])),
-        "top1": top1,
+        key: score,
     }
 
 
@@ -112,8 +117,9 @@ def _add_ratios(row: dict, base: dict) -> None:
     for key in ("params", "macs", "size_bytes"):
         if row.get(key) and base.get(key):
             row[f"{key}_ratio"] = row[key] / base[key]
-    if row.get("top1") is not None and base.get("top1") is not None:
-        row["top1_delta"] = row["top1"] - base["top1"]
+    for key in ("top1", "miou"):
+        if row.get(key) is not None and base.get(key) is not None:
+            row[f"{key}_delta"] = row[key] - base[key]
     for key in [k for k in row if k.startswith("p50:") and not k.endswith("_ratio")]:
         if base.get(key):
             row[f"{key}_ratio"] = row[key] / base[key]
@@ -142,8 +148,8 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
     ratio = row.get(f"{key}_ratio")
     if ratio is not None and abs(ratio - 1) > 1e-9:
         text += f" ({ratio:.2f}x)"
-    if key == "top1" and row.get("top1_delta"):
-        text += f" ({row['top1_delta']:+.2f})"
+    if key in ("top1", "miou") and row.get(f"{key}_delta"):
+        text += f" ({row[f'{key}_delta']:+.2f})"
     return text
 
 
@@ -193,6 +199,9 @@ def comparison_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2, default=str)
 
 
+# The accuracy a row is judged by, per task: (metric key, name).
+SCORES = {"classification": ("top1", "top-1"), "segmentation": ("miou", "mIoU")}
+
 # Points of top-1 below the best row that the plot's accuracy axis still spans.
 PLOT_SPAN = 15.0
 
@@ -211,6 +220,12 @@ def _latency_key(rows: list[dict]) -> str | None:
     return min(keys, key=preference)
 
 
+def _score(rows: list[dict]) -> tuple[str, str]:
+    """(metric key, name) the rows are judged by: mIoU when they are all segmentation models."""
+    tasks = {r.get("task", "classification") for r in rows}
+    return SCORES["segmentation" if tasks == {"segmentation"} else "classification"]
+
+
 def plot(rows: list[dict], path: str) -> str:
     """Accuracy against MACs and against latency, as a PNG (written atomically).
 
@@ -219,14 +234,15 @@ def plot(rows: list[dict], path: str) -> str:
     :data:`PLOT_SPAN` points of the best, with a margin, so differences of a point show; rows far
     below (a model just converted or pruned, before calibration or training) sit on the bottom
     edge, marked as below the axis. The latency axis names its runtime and batch. Artifacts
-    without a top-1 are left out (evaluate them first).
+    without a top-1 are left out (evaluate them first). Segmentation models are plotted by mIoU.
     """
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in rows if r.get("top1") is not None]
+    score, score_name = _score(rows)
+    points = [r for r in rows if r.get(score) is not None]
     if not points:
-        raise DscompressError("nothing to plot: no artifact has a top-1 accuracy; run `dscompress evaluate DIR --data SPEC` first")
+        raise DscompressError(f"nothing to plot: no artifact has a {score_name}; run `dscompress evaluate DIR --data SPEC` first")
     latency = _latency_key(points)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     panels = [(axes[0], "macs", "MACs per image (millions)", 1e-6, "accuracy vs compute")]
@@ -235,14 +251,14 @@ def plot(rows: list[dict], path: str) -> str:
         panels.append((axes[1], latency, f"p50 latency (ms), {runtime}, batch {batch}", 1.0, "accuracy vs latency"))
     markers = "osD^vP*Xh<>p"
     colors = plt.get_cmap("tab10").colors
-    best = max(r["top1"] for r in points)
-    near = [r["top1"] for r in points if r["top1"] >= best - PLOT_SPAN]
+    best = max(r[score] for r in points)
+    near = [r[score] for r in points if r[score] >= best - PLOT_SPAN]
     margin = max(0.5, 0.1 * (best - min(near)))
     low, high = min(near) - margin, best + margin
     below = low + 0.03 * (high - low)
 
     def shown_y(r):
-        return r["top1"] if r["top1"] >= low else below
+        return r[score] if r[score] >= low else below
 
     for ax, key, label, scale, title in panels:
         shown = [r for r in points if r.get(key) is not None]
@@ -250,12 +266,12 @@ def plot(rows: list[dict], path: str) -> str:
         for i, r in enumerate(points):
             if r.get(key) is None:
                 continue
-            off = r["top1"] < low
-            name = f"{r['name']}: {r['top1']:.2f}%" + (" (below the axis)" if off else "")
+            off = r[score] < low
+            name = f"{r['name']}: {r[score]:.2f}%" + (" (below the axis)" if off else "")
             ax.scatter(r[key] * scale, shown_y(r), s=60, marker=markers[i % len(markers)], color=colors[i % len(colors)],
                        label=name, zorder=2, edgecolors="red" if off else "black", linewidths=1.2 if off else 0.5)
         ax.set_xlabel(label)
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel(f"{score_name} (%)")
         ax.set_ylim(low, high)
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -30,7 +30,7 @@ from dscompress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, 
 from dscompress.checkpoint import checkpoint_path
 from dscompress.config import Record, StepConfig
 from dscompress.convert import ConversionRecord, ConvertConfig, convert
-from dscompress.data import check_classes, load_dataset
+from dscompress.data import check_classes, check_task, load_dataset
 from dscompress.distributed import World, barrier, destroy, init_distributed
 from dscompress.errors import DscompressError, DscompressWarning
 from dscompress.evaluate import EvalRecord, EvaluateConfig, evaluate
@@ -214,7 +214,7 @@ def calibration_images(source: Source, config: CalibrateConfig) -> list[torch.Te
     if config.data is None:
         raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
     dataset = load_dataset(config.data, source.spec.input_size, split="train")
-    check_classes(dataset, source.model, source.spec.input_size, data_name=config.data)
+    check_classes(dataset, source.model, source.spec.input_size, data_name=config.data, task=source.spec.task, model_name=source.label)
     return calibration_batches(config.data, source.spec.input_size, config.batches, config.batch_size, config.seed)
 
 
@@ -257,6 +257,8 @@ def _teacher(source: Source, config: FinetuneConfig, load: Callable[[str], Sourc
             )
         return source.teacher(), f"{source.label} (original)"
     other = load(config.teacher)
+    if other.spec.task != source.spec.task:
+        raise DscompressError(f"the teacher {config.teacher} is a {other.spec.task} model and {source.label} a {source.spec.task} one; choose a teacher of the same task")
     if other.spec.num_classes not in (None, source.spec.num_classes) and source.spec.num_classes is not None:
         raise DscompressError(f"the teacher {config.teacher} has {other.spec.num_classes} classes, the model {source.spec.num_classes}")
     teacher = other.model
@@ -290,6 +292,7 @@ def finetune_step(source: Source, config: FinetuneConfig, context: StepContext) 
         model = build_model(source.spec)
     train_data = load_dataset(config.data, source.spec.input_size, split="train")
     test_data = load_dataset(config.data, source.spec.input_size, split="test")
+    check_task(train_data, source.spec.task, config.data, source.label)
     started = init_distributed(config.device)
     try:
         world = World.current()
@@ -297,13 +300,14 @@ def finetune_step(source: Source, config: FinetuneConfig, context: StepContext) 
             shutil.rmtree(partial)
         model, record = finetune(
             model, teacher, train_data, test_data, config, checkpoint_dir=partial, resume=context.resume,
-            progress=context.progress, teacher_label=teacher_label,
+            progress=context.progress, teacher_label=teacher_label, task=source.spec.task,
         )
         barrier(world)
     finally:
         if started:
             destroy()
-    metrics = {"top1": record.top1, "top5": record.top5, "eval_data": config.data, "eval_images": record.test_images}
+    scores = {"miou": record.miou, "pixel_acc": record.pixel_acc} if record.task == "segmentation" else {"top1": record.top1, "top5": record.top5}
+    metrics = {**scores, "eval_data": config.data, "eval_images": record.test_images}
     return StepOutput(record, model.cpu(), metrics=metrics, save=world.writer, cleanup=partial, is_original=plain)
 
 
@@ -312,12 +316,13 @@ def finetune_step(source: Source, config: FinetuneConfig, context: StepContext) 
 
 @register_step(EvaluateConfig, makes_model=False)
 def evaluate_step(source: Source, config: EvaluateConfig, context: StepContext) -> StepOutput:
-    """Top-1 and top-5 accuracy of MODEL (an artifact records it) on the test split."""
+    """Accuracy of MODEL on the test split: top-1/top-5, or mIoU and pixel accuracy (an artifact records it)."""
     if config.data is None:
         raise DscompressError("evaluate needs a dataset: give --data SPEC (e.g. --data digits)")
-    record = evaluate(source.model, config.data, source.spec.input_size, config.batch_size, config.device, config.workers, context.progress)
+    record = evaluate(source.model, config.data, source.spec.input_size, config.batch_size, config.device, config.workers,
+                      context.progress, task=source.spec.task, model_name=source.label)
     if source.artifact is not None:
-        source.artifact.update_metrics(top1=record.top1, top5=record.top5, eval_data=record.data, eval_images=record.images)
+        source.artifact.update_metrics(**record.metrics())
     return StepOutput(record, artifact=source.artifact)
 
 
@@ -346,7 +351,7 @@ def export_step(source: Source, config: ExportConfig, context: StepContext) -> S
 def validate_step(source: Source, config: ValidateConfig, context: StepContext) -> StepOutput:
     """Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider."""
     proto = read_onnx(context.onnx)
-    record = validate_onnx(context.onnx, source.model, source.spec.input_size, config)
+    record = validate_onnx(context.onnx, source.model, source.spec.input_size, config, task=source.spec.task)
     props = {p.key: p.value for p in proto.metadata_props}
     stamped = props.get("dscompress.artifact_weights_sha256")
     if source.artifact is not None and stamped:

@@ -234,13 +234,15 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
         limit: stop after this many images.
 
     Returns:
-        ``images``, ``predictions`` (images, or pixels for per-pixel outputs), ``agreement``
+        ``images``, ``predictions`` (images, or pixels for per-pixel outputs, ``over`` says
+        which), ``agreement``
         (percent of the predictions where both pick the same class, the argmax over dimension 1)
         and, when labels come with the images, each runtime's accuracy in percent (``onnx_top1``
         and ``torch_top1``: per image, or per labelled pixel, i.e. pixel accuracy).
     """
     images_seen = agree = predictions = scored = onnx_correct = torch_correct = 0
     labelled = True
+    over = "images"
     for batch in batches:
         images, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
         if limit is not None:
@@ -253,6 +255,7 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
         onnx_top = np.asarray(run_onnx(images)).argmax(axis=1)
         agree += int((torch_top == onnx_top).sum())
         predictions += torch_top.size
+        over = "pixels" if torch_top.ndim > 1 else "images"
         if labels is None:
             labelled = False
         else:
@@ -266,7 +269,7 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
             break
     if images_seen == 0:
         raise DscompressError("no images to measure top-1 agreement on; the dataset is empty")
-    result = {"images": images_seen, "predictions": predictions, "agreement": 100.0 * agree / predictions}
+    result = {"images": images_seen, "predictions": predictions, "over": over, "agreement": 100.0 * agree / predictions}
     if labelled:
         result["onnx_top1"] = 100.0 * onnx_correct / max(scored, 1)
         result["torch_top1"] = 100.0 * torch_correct / max(scored, 1)
