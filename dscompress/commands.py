@@ -223,6 +223,9 @@ def _run(spec: StepSpec, load, as_json: bool, kwargs: dict) -> None:
                 console.print(item, highlight=False)
         if output.artifact is not None and spec.makes_model:
             console.print(f"saved {output.artifact.path}", highlight=False)
+    plot_path = getattr(config, "plot", None)
+    if plot_path:
+        click.echo(f"plot: {reporting.PLOTS[type(output.record)](output.record, plot_path)}", err=True)
     if output.failure:
         fail(output.failure)
 
@@ -250,9 +253,14 @@ def models(task):
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
 @click.option("--plot", "plot_path", default=None, help="Also write accuracy vs MACs and vs latency to this PNG.")
-def report(paths, baseline, as_json, markdown, plot_path):
+@click.option("--profile", "show_profiles", is_flag=True, help="Also show the per-layer profiles the artifacts keep (dscompress profile).")
+def report(paths, baseline, as_json, markdown, plot_path, show_profiles):
     """Compare artifact folders, folders of them, or run folders side by side."""
     rows = reporting.compare(list(paths), baseline=baseline)
+    if show_profiles:
+        for record in reporting.stored_profiles(rows):
+            for item in render(record):
+                console.print(item, highlight=False)
     if plot_path:
         click.echo(f"plot: {reporting.plot(rows, plot_path)}", err=True)
     if as_json:

@@ -33,6 +33,7 @@ from dscompress._util import captured_output, default_permissions, eval_mode, fl
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.data import Preprocess
 from dscompress.errors import DscompressError, DscompressWarning, first_line
+from dscompress.layers import deploy_form
 from dscompress.onnx_passes import explicit_same_pads, same_pad_dilation_nodes, stamp
 from dscompress.ort import onnx_input_shape, parse_providers
 from dscompress.validate import ValidateConfig, ValidationRecord, validate_onnx
@@ -338,7 +339,8 @@ def export_onnx(
     device = next(model.parameters(), torch.empty(0)).device
     example = torch.randn(example_batch, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
     with eval_mode(model):
-        module = _HalfPrecision(copy.deepcopy(model).half()).eval() if config.fp16 else model
+        module = deploy_form(model)  # depthwise-separable layers of rank > 1 as plain conv pairs
+        module = _HalfPrecision(copy.deepcopy(module).half()).eval() if config.fp16 else module
         try:
             outputs = _example_outputs(module, example)
         except Exception as e:  # noqa: BLE001

@@ -94,12 +94,15 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-def open_session(onnx_path: str, provider: str, threads: int | None = None):
+def open_session(onnx_path: str, provider: str, threads: int | None = None, fp16: bool = False, profile: str | None = None):
     """An ONNX Runtime session that really runs on ``provider``, or None and the reason why not.
 
     Args:
         provider: a short name (``cpu``, ``cuda``, ``tensorrt``) or a full provider name.
         threads: intra-op threads for the CPU parts (None: ONNX Runtime's default).
+        fp16: let TensorRT build its engine in half precision (``trt_fp16_enable``).
+        profile: a file prefix: record every node's time with ONNX Runtime's profiler
+            (``session.end_profiling()`` writes the JSON and returns its path).
 
     Returns:
         (session, None) when ``session.get_providers()[0]`` is the requested provider, else
@@ -111,7 +114,7 @@ def open_session(onnx_path: str, provider: str, threads: int | None = None):
     name = ort_name(provider)
     if name not in ort.get_available_providers():
         return None, f"not in this onnxruntime build (it has {', '.join(ort.get_available_providers())})"
-    chain = [name]
+    chain = [(name, {"trt_fp16_enable": True}) if fp16 and name == "TensorrtExecutionProvider" else name]
     if name == "TensorrtExecutionProvider":
         chain.append("CUDAExecutionProvider")
     if name != "CPUExecutionProvider":
@@ -120,6 +123,9 @@ def open_session(onnx_path: str, provider: str, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     with captured_output() as log:
         try:
             session = ort.InferenceSession(onnx_path, sess_options=options, providers=chain)

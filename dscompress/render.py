@@ -24,6 +24,7 @@ from dscompress.config import Record
 from dscompress.convert import ConversionRecord
 from dscompress.evaluate import EvalRecord
 from dscompress.export import ExportRecord
+from dscompress.profile import ProfileRecord
 from dscompress.prune import PruneRecord
 from dscompress.train import FinetuneRecord
 from dscompress.validate import ValidationRecord
@@ -280,6 +281,25 @@ def _bench(results: BenchResults) -> list:
     lines.append(f"{results.machine}; CPU threads: {threads}")
     lines += [f"warning: {note}" for note in results.notes]
     return [shown, *lines]
+
+
+@renders(ProfileRecord)
+def _profile(record: ProfileRecord) -> list:
+    shown = table(f"per-layer time on {record.runtime} ({record.device}), batch {record.batch_size}, "
+                  f"{'x'.join(map(str, record.input_size))}, {record.threads} thread(s); median over runs",
+                  ["layer", "op", "ms", "share", "MACs", "GMAC/s", "convertible"], left=("layer", "op"))
+    for layer in record.layers:
+        shown.add_row(layer.name, layer.op, f"{layer.ms:.3f}", f"{layer.share:.1%}", human(layer.macs) if layer.macs else "-",
+                      f"{layer.gmacs_per_s:.1f}" if layer.gmacs_per_s else "-", "yes" if layer.convertible else "")
+    difference = record.unattributed_ms
+    return [
+        shown,
+        f"whole model: {record.total_ms:.3f} ms (no profiler); layers sum to {record.layer_sum_ms:.3f} ms "
+        f"({'+' if difference >= 0 else ''}{difference:.3f} ms between them{'' if difference >= 0 else ': the profiler costs more than what it leaves out'})",
+        f"convertible layers: {record.convertible_ms:.3f} ms ({record.convertible_ms / record.layer_sum_ms:.1%} of the layers' time); "
+        f"the bound: at most {record.bound_speedup:.2f}x faster if they took no time",
+        *[f"note: {note}" for note in record.notes],
+    ]
 
 
 # --- progress -----------------------------------------------------------------------------------

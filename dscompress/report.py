@@ -13,6 +13,7 @@ from dscompress.artifact import Artifact, is_artifact
 from dscompress.bench import HEADLINE_ORDER
 from dscompress.errors import DscompressError
 from dscompress.metrics import count_macs, count_params
+from dscompress.profile import ProfileRecord
 from dscompress.runstate import is_run, run_models
 
 # (metric key, column title, format); a column is shown when any row has the metric.
@@ -287,3 +288,37 @@ def plot(rows: list[dict], path: str) -> str:
     finally:
         plt.close(fig)
     return path
+
+
+def plot_profile(record: ProfileRecord, path: str) -> str:
+    """Each layer's time as a bar (convertible layers in their own colour), in forward order."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = record.layers
+    height = max(3.0, 0.22 * len(layers) + 1.2)
+    fig, ax = plt.subplots(figsize=(9, height))
+    colors = ["tab:orange" if layer.convertible else "tab:gray" for layer in layers]
+    ax.barh(range(len(layers)), [layer.ms for layer in layers], color=colors)
+    ax.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"median ms per run, {record.runtime}, batch {record.batch_size}")
+    ax.set_title(f"{record.total_ms:.2f} ms in all; convertible layers (orange) {record.convertible_ms / max(record.layer_sum_ms, 1e-9):.0%}, "
+                 f"bound {record.bound_speedup:.2f}x", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+# Record type -> the function that draws it, for the commands whose config has a ``plot`` option.
+PLOTS = {ProfileRecord: plot_profile}
+
+
+def stored_profiles(rows: list[dict]) -> list[ProfileRecord]:
+    """Every profile the compared artifacts keep (``dscompress profile`` stores them)."""
+    return [ProfileRecord.from_dict(data) for row in rows for data in (row.get("profiles") or {}).values()]

@@ -37,6 +37,7 @@ from dscompress.evaluate import EvalRecord, EvaluateConfig, evaluate
 from dscompress.export import ExportConfig, ExportRecord, export_onnx
 from dscompress.models import build_model
 from dscompress.ort import read_onnx
+from dscompress.profile import ProfileConfig, profile
 from dscompress.prune import PruneConfig, PruneRecord, prune
 from dscompress.train import TEACHER_NONE, TEACHER_ORIGINAL, FinetuneConfig, FinetuneRecord, finetune
 from dscompress.validate import ValidateConfig, ValidationRecord, validate_onnx
@@ -392,6 +393,17 @@ def _store_latency(targets: list[BenchTarget], records: list[BenchRecord], confi
                 "results": results,
             }
         )
+
+
+@register_step(ProfileConfig, makes_model=False)
+def profile_step(source: Source, config: ProfileConfig, context: StepContext) -> StepOutput:
+    """Per-layer latency of MODEL on a runtime: where the time goes, and what converting could gain."""
+    record = profile(source.model, source.spec.input_size, config, context.progress)
+    if source.artifact is not None:
+        profiles = dict(source.artifact.metrics.get("profiles") or {})
+        profiles[f"{record.runtime} b{record.batch_size}"] = record.to_dict()
+        source.artifact.update_metrics(profiles=profiles)
+    return StepOutput(record, artifact=source.artifact)
 
 
 # --- the Python API's shorthands -----------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Per-layer latency: every conv named, the layers summing to the whole, runtimes that cannot run refused."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_tiny
+from dscompress.cli import cli
+from dscompress.convert import ConvertConfig, convert
+from dscompress.errors import DscompressError
+from dscompress.profile import ProfileConfig, profile
+
+SIZE = (3, 32, 32)
+FAST = {"warmup": 3, "iters": 15}
+
+
+@pytest.fixture(scope="module")
+def models():
+    tiny = make_tiny()
+    rank2, _ = convert(tiny, SIZE, ConvertConfig(rank=2))
+    return {"dense": tiny, "rank2": rank2}
+
+
+@pytest.mark.parametrize("runtime", ["ort-cpu", "torch-cpu"])
+@pytest.mark.parametrize("kind", ["dense", "rank2"])
+def test_every_conv_is_named_and_the_layers_sum_to_the_whole(models, runtime, kind):
+    record = profile(models[kind], SIZE, ProfileConfig(runtime=runtime, **FAST))
+    names = {layer.name for layer in record.layers}
+    assert {"stem", "conv1", "conv2", "fc"} <= names, names
+    assert not [n for n in names if n.startswith("<") and n != "<layout change>"], names  # every kernel mapped
+    by_name = {layer.name: layer for layer in record.layers}
+    assert by_name["conv1"].convertible and by_name["conv2"].convertible and not by_name["stem"].convertible
+    assert by_name["conv2"].op == ("DepthwiseSeparableConv2d" if kind == "rank2" else "Conv2d")
+    assert by_name["conv2"].macs == (16 * 16 * 16 * 2 * (25 + 16) if kind == "rank2" else 16 * 16 * 16 * 16 * 25)  # 16x16 out
+    assert record.total_ms > 0 and record.layer_sum_ms > 0
+    # Tiny layers: the profiler's own cost per kernel is a large part of them, so the tolerance is wide.
+    assert 0.33 < record.layer_sum_ms / record.total_ms < 3, (record.layer_sum_ms, record.total_ms)
+    assert sum(layer.share for layer in record.layers) == pytest.approx(1, abs=0.01)
+    assert record.bound_speedup >= 1 and record.convertible_ms == pytest.approx(by_name["conv1"].ms + by_name["conv2"].ms, abs=1e-3)
+
+
+def test_resnet18_names_every_conv_through_onnx_runtime_fusions():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    record = profile(model, SIZE, ProfileConfig(**FAST))
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    names = {layer.name for layer in record.layers}
+    assert convs <= names, convs - names  # fused with BatchNorm, ReLU and the residual add, still named
+    assert not [n for n in names if n.startswith("<") and n != "<layout change>"]
+    assert 0.8 < record.layer_sum_ms / record.total_ms < 1.3
+    assert 3 < record.bound_speedup
+
+
+def test_cli_json_report_and_unavailable_runtimes(tmp_path):
+    runner = CliRunner()
+    folder = str(tmp_path / "tiny")
+    assert runner.invoke(cli, ["convert", "conftest:make_tiny", "--input-size", "3,32,32", "-o", folder]).exit_code == 0
+    result = runner.invoke(cli, ["profile", folder, "--iters", "5", "--warmup", "1", "--json", "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["total_ms"] > 0 and all({"name", "ms", "macs"} <= set(layer) for layer in data["layers"])
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    shown = runner.invoke(cli, ["report", folder, "--profile"])
+    assert shown.exit_code == 0 and "per-layer time on ort-cpu" in shown.stdout
+    for runtime in ("ort-cuda", "torch-cuda"):
+        if torch.cuda.is_available():
+            continue
+        result = runner.invoke(cli, ["profile", folder, "--runtime", runtime])
+        assert result.exit_code == 2 and f"--runtime {runtime} cannot run here" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(cli, ["profile", folder, "--runtime", "ort-gpu"])
+    assert result.exit_code == 2 and "--runtime must be one of ort-cpu, ort-cuda, ort-trt, torch-cpu, torch-cuda" in result.stderr
+
+
+def test_config():
+    with pytest.raises(DscompressError, match="--iters must be at least 1"):
+        ProfileConfig(iters=0)
+    with pytest.raises(DscompressError, match="--plot must name a .png file"):
+        ProfileConfig(plot="p.svg")
