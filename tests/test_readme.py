@@ -21,6 +21,7 @@ README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 BLOCK = re.compile(r"(?:<!-- readme-test: skip \((?P<why>[^)]+)\) -->\n)?```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)
 SMALLER = [
     (r"3,32,32", "3,16,16"),
+    (r"3,64,64", "3,32,32"),
     (r"\(3, 32, 32\)", "(3, 16, 16)"),
     (r"--epochs \d+", "--epochs 1"),
     (r"epochs=\d+", "epochs=1"),
