@@ -4,6 +4,8 @@ distillation, atrous separable conversion, and the pipeline on a tiny model (``c
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -12,6 +14,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 from PIL import Image
+from torch.utils.data import Subset
 
 from dscompress.artifact import load
 from dscompress.calibrate import CalibrateConfig, calibrate
@@ -23,6 +26,7 @@ from dscompress.errors import DscompressError
 from dscompress.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
 from dscompress.models import ModelSpec, SegmentationNet, build_model, model_tasks, segmentation_models
 from dscompress.prune import PruneConfig, prune
+from dscompress.train import Augmented, FinetuneConfig, finetune
 from conftest import tiny_seg
 
 SEGMENTATION = [
@@ -314,3 +318,54 @@ def test_mismatches_are_one_line_and_exit_2(args, message, tmp_path):
     lines = [line for line in result.output.strip().splitlines() if not line.startswith(("warning: ", "note: "))]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not out.exists()
+
+
+def test_torchrun_sums_the_confusion_matrices_of_two_processes(pipeline):
+    """DDP as for classifiers: each process scores half the test canvases, the confusion matrices
+    are summed, so the teacher's mIoU is exactly the one evaluated in one process."""
+    out = str(pipeline["root"] / "ddp")
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dscompress", "finetune",
+               str(pipeline["conv"]), "--teacher", str(pipeline["base"]), "--data", "digits-seg", "--epochs", "1", "--device", "cpu",
+               "--json", "-o", out]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout)
+    assert record["world_size"] == 2 and record["task"] == "segmentation" and record["test_images"] == 250
+    assert record["teacher_miou"] == pytest.approx(load_metrics(pipeline["base"])["miou"], abs=1e-9)
+
+
+def load_metrics(path):
+    return json.loads((path / "manifest.json").read_text())["metrics"]
+
+
+def _labelled(subset, dataset):
+    subset.classes, subset.task = dataset.classes, dataset.task
+    return subset
+
+
+def test_the_auxiliary_head_is_trained_with_its_weight():
+    train_set, test_set = load_dataset("digits-seg", SIZE, "train"), load_dataset("digits-seg", SIZE, "test")
+    train, test = _labelled(Subset(train_set, range(32)), train_set), _labelled(Subset(test_set, range(16)), test_set)
+    changed = {}
+    for weight in (0.5, 0.0):
+        model = build_model(ModelSpec("fcn_resnet50", num_classes=11, input_size=SIZE, aux=True))
+        before = model.aux_classifier[4].weight.detach().clone()
+        config = FinetuneConfig(data="digits-seg", teacher="none", epochs=1, batch_size=16, aux_weight=weight, device="cpu")
+        trained, record = finetune(model, None, train, test, config, task="segmentation")
+        changed[weight] = not torch.equal(trained.aux_classifier[4].weight, before)
+        assert record.miou is not None and record.top1 is None
+        assert trained(torch.randn(2, *SIZE)).shape == (2, 11, 32, 32)  # eval mode: `out` only
+    assert changed == {0.5: True, 0.0: False}
+
+
+def test_crops_and_flips_move_masks_with_their_images():
+    dataset = load_dataset("digits-seg", SIZE, "train")
+    augmented = Augmented(dataset, flip=True)
+    torch.manual_seed(0)
+    for index in range(8):
+        image, mask = augmented[index]
+        ink = image[0] * STD[0] + MEAN[0]
+        assert mask.shape == (32, 32) and mask.dtype == torch.int64
+        assert ((ink >= DIGITS_SEG_INK - 1e-5) == (mask > 0)).float().mean() > 0.995
