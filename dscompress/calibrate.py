@@ -161,37 +161,59 @@ def _images(batches, limit: int) -> list[torch.Tensor]:
 # --- finding the layers -------------------------------------------------------------------------
 
 
-def converted_layers(model: nn.Module, original: nn.Module) -> tuple[list[str], list[dict]]:
-    """Names of ``model``'s converted layers that have an original to match, and those skipped.
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
-    A converted layer is a :class:`DepthwiseSeparableConv2d`; its original is the ``nn.Conv2d``
-    of the same name in ``original``, with the same channels and stride.
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def converted_layers(model: nn.Module, original: nn.Module, kept: dict[str, list[int]] | None = None) -> tuple[list[str], list[dict]]:
+    """Names of ``model``'s layers that calibration refits against ``original``, and those skipped.
+
+    They are the converted layers (:class:`DepthwiseSeparableConv2d`, whose original is the
+    ``nn.Conv2d`` of the same name and stride), and the pruned ones: dense convs (``groups=1``)
+    and linears with fewer input or output channels than their original. A layer whose outputs
+    were pruned is matched to the original's outputs it kept, ``kept[name]`` (channel indices of
+    the original, as :class:`~dscompress.prune.LayerChannels` records them).
     """
+    kept = kept or {}
     names, skipped = [], []
     originals = dict(original.named_modules())
+    inside: list[str] = []
     for name, layer in model.named_modules():
-        if not isinstance(layer, DepthwiseSeparableConv2d):
+        if any(name.startswith(prefix + ".") for prefix in inside):
             continue
-        conv = originals.get(name)
+        converted = isinstance(layer, DepthwiseSeparableConv2d)
+        if converted:
+            inside.append(name)
+        dense = (type(layer) is nn.Conv2d and layer.groups == 1) or type(layer) is nn.Linear
+        if not (converted or dense):
+            continue
+        reference = originals.get(name)
         reason = None
-        if not isinstance(conv, nn.Conv2d):
+        if converted and not isinstance(reference, nn.Conv2d):
             reason = "the original has no nn.Conv2d of this name"
-        elif (conv.in_channels, conv.out_channels, conv.stride) != (layer.in_channels, layer.out_channels, layer.stride):
-            reason = (
-                f"shape differs from the original ({conv.in_channels}->{conv.out_channels} vs "
-                f"{layer.in_channels}->{layer.out_channels}, pruned?)"
-            )
+        elif dense and type(reference) is not type(layer):
+            continue  # added or changed by something else: not ours to refit
+        elif dense and (_in_features(layer), _out_features(layer)) == (_in_features(reference), _out_features(reference)):
+            continue  # not pruned: its weights are the original's
+        elif isinstance(reference, nn.Conv2d) and tuple(reference.stride) != tuple(layer.stride):
+            reason = f"stride {tuple(layer.stride)} differs from the original's {tuple(reference.stride)}"
+        elif _out_features(layer) != len(kept.get(name, range(_out_features(reference)))):
+            reason = f"{_out_features(layer)} outputs against the original's {_out_features(reference)}, and no record of which were kept"
         if reason:
             skipped.append({"name": name, "reason": reason})
         else:
             names.append(name)
     if not names and not skipped:
         raise DscompressError(
-            "the model has no converted (depthwise-separable) layers, so there is nothing to calibrate; "
-            "convert it first (dscompress convert MODEL -o DIR)"
+            "the model has no converted (depthwise-separable) or pruned layers, so there is nothing to calibrate; "
+            "convert or prune it first (dscompress convert MODEL -o DIR)"
         )
     if not names:
-        raise DscompressError(f"none of the model's converted layers matches its original: {skipped[0]['name']}: {skipped[0]['reason']}")
+        raise DscompressError(f"none of the model's converted or pruned layers matches its original: {skipped[0]['name']}: {skipped[0]['reason']}")
     return names, skipped
 
 
@@ -254,45 +276,72 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # --- the two corrections ------------------------------------------------------------------------
 
 
+def _features(layer: nn.Module, layer_input: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """The module whose weights the refit solves for, and the rows (P x D) it multiplies.
+
+    A depthwise-separable layer: its pointwise conv, on the depthwise outputs. A dense conv: the
+    conv, on the image patches its kernel sees (``unfold``, ordered as ``weight.reshape(out, -1)``).
+    A linear layer: itself, on its inputs.
+    """
+    if isinstance(layer, DepthwiseSeparableConv2d):
+        return layer.pointwise, _rows(layer.depthwise(layer_input))
+    if isinstance(layer, nn.Linear):
+        return layer, layer_input.reshape(-1, layer.in_features).double()
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    padded = nn.functional.pad(layer_input, layer._reversed_padding_repeated_twice, mode=mode)
+    patches = nn.functional.unfold(padded, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # (N, D, L)
+    return layer, patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
+
+
+def _targets(y: torch.Tensor, out_channels: list[int] | None) -> torch.Tensor:
+    rows = _rows(y) if y.dim() == 4 else y.reshape(-1, y.shape[-1]).double()
+    return rows if out_channels is None else rows[:, out_channels]
+
+
 @torch.no_grad()
 def refit_layer(
-    model: nn.Module, original: nn.Module, name: str, images: list[torch.Tensor], ridge: float = 1e-3, calls: int = 1
+    model: nn.Module, original: nn.Module, name: str, images: list[torch.Tensor], ridge: float = 1e-3, calls: int = 1,
+    out_channels: list[int] | None = None,
 ) -> None:
-    """Refit one converted layer's pointwise weights (and bias) in place by ridge least squares.
+    """Refit one layer's weights (and bias) in place by ridge least squares against the original's output.
 
-    With Z (P x D) the depthwise outputs at every pixel of every image, on the converted model's
-    own inputs, and Y (P x C_out) the original layer's outputs on the original model's inputs,
-    the new pointwise weights W (C_out x D; D = in_channels * rank, plus a column for the bias)
-    minimise ``||Z W^T - Y||^2 + lam * ||W - W0||^2`` with W0 the current weights and
+    With Z (P x D) the features of every pixel of every image (:func:`_features`: for a converted
+    layer its depthwise outputs, for a dense conv the patches its kernel sees, for a linear layer
+    its inputs), on the model's own inputs, and Y (P x C_out) the original layer's outputs on the
+    original model's inputs (only ``out_channels`` of them when the layer's outputs were pruned),
+    the new weights W (C_out x D, plus a column for the bias) minimise
+    ``||Z W^T - Y||^2 + lam * ||W - W0||^2`` with W0 the current weights and
     ``lam = ridge * mean(diag(Z^T Z))``: ``W^T = (Z^T Z + lam I)^-1 (Z^T Y + lam W0^T)``.
-    Only the Gram matrices (D x D, D x C_out) are kept, in float64.
+    Only the Gram matrices (D x D, D x C_out) are kept, in float64. For a pruned dense conv this
+    is the channel-pruning reconstruction of He et al. 2017 (ThiNet's, with the weights refitted).
     """
     layer = model.get_submodule(name)
     target = original.get_submodule(name)
-    pointwise = layer.pointwise
-    has_bias = pointwise.bias is not None
-    d = pointwise.in_channels + int(has_bias)
-    device = pointwise.weight.device
+    solved = layer.pointwise if isinstance(layer, DepthwiseSeparableConv2d) else layer
+    has_bias = solved.bias is not None
+    out = solved.weight.shape[0]
+    features = solved.weight[0].numel()
+    d = features + int(has_bias)
+    device = solved.weight.device
     gram = torch.zeros(d, d, dtype=torch.float64, device="cpu" if device.type == "mps" else device)
-    cross = torch.zeros(d, pointwise.out_channels, dtype=gram.dtype, device=gram.device)
+    cross = torch.zeros(d, out, dtype=gram.dtype, device=gram.device)
     for x in images:
         x = x.to(device)
         inputs = _capture(model, layer, x, calls, "input")
         targets = _capture(original, target, x, calls, "output")
         for layer_input, y in zip(inputs, targets):
-            z = layer.depthwise(layer_input)
-            if z.shape[-2:] != y.shape[-2:]:
-                raise RuntimeError(f"{name}: converted output {tuple(z.shape[-2:])} vs original {tuple(y.shape[-2:])}")
-            z = _rows(z)
+            _, z = _features(layer, layer_input)
+            y = _targets(y, out_channels)
+            if z.shape[0] != y.shape[0]:
+                raise RuntimeError(f"{name}: {z.shape[0]} output positions against the original's {y.shape[0]}")
             if has_bias:
                 z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
             gram += z.T @ z
-            cross += z.T @ _rows(y)
-    current = pointwise.weight.detach().reshape(pointwise.out_channels, -1)
+            cross += z.T @ y
+    current = solved.weight.detach().reshape(out, -1)
     if has_bias:
-        current = torch.cat([current, pointwise.bias.detach()[:, None]], dim=1)
+        current = torch.cat([current, solved.bias.detach()[:, None]], dim=1)
     current = current.T.to(gram)  # (D, C_out)
-    features = pointwise.in_channels
     lam = ridge * float(gram.diagonal()[:features].mean())
     a = (gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)).cpu()
     b = (cross + lam * current).cpu()
@@ -300,19 +349,20 @@ def refit_layer(
         solution = torch.linalg.solve(a, b)
     else:
         solution = torch.linalg.lstsq(a, b, driver="gelsd").solution
-    solution = solution.T.to(pointwise.weight)  # (C_out, D)
-    pointwise.weight.copy_(solution[:, :features].reshape(pointwise.weight.shape))
+    solution = solution.T.to(solved.weight)  # (C_out, D)
+    solved.weight.copy_(solution[:, :features].reshape(solved.weight.shape))
     if has_bias:
-        pointwise.bias.copy_(solution[:, features])
+        solved.bias.copy_(solution[:, features])
 
 
 def refit(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor], ridge: float = 1e-3,
-          calls: dict | None = None, progress: Progress = QUIET) -> None:
+          calls: dict | None = None, progress: Progress = QUIET, kept: dict[str, list[int]] | None = None) -> None:
     """Refit the named layers in place, one after another in the given (forward) order."""
+    kept = kept or {}
     progress.start("calibrate: refit layers", len(names))
     try:
         for name in names:
-            refit_layer(model, original, name, images, ridge, (calls or {}).get(name, 1))
+            refit_layer(model, original, name, images, ridge, (calls or {}).get(name, 1), kept.get(name))
             progress.advance(1, name)
     finally:
         progress.stop()
@@ -360,8 +410,10 @@ class Errors:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor]) -> Errors:
-    """Per-layer and output relative errors of ``model`` against ``original`` (both fed the images)."""
+def measure(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor], kept: dict[str, list[int]] | None = None) -> Errors:
+    """Per-layer and output relative errors of ``model`` against ``original`` (both fed the images);
+    a layer with pruned outputs is compared on the original's outputs it kept (``kept[name]``)."""
+    kept = kept or {}
     device = model_device(model)
     sums = {n: [0.0, 0.0] for n in names}  # squared error, squared norm of the original's output
     out_sums = [0.0, 0.0]
@@ -386,6 +438,8 @@ def measure(model: nn.Module, original: nn.Module, names: list[str], images: lis
             y, y0 = model(x), original(x)
             for n in names:
                 for a, b in zip(outputs["model"][n], outputs["original"][n]):
+                    if n in kept:
+                        b = b[:, kept[n]]
                     sums[n][0] += float((a.double() - b.double()).pow(2).sum())
                     sums[n][1] += float(b.double().pow(2).sum())
             if isinstance(y, torch.Tensor) and isinstance(y0, torch.Tensor) and y.shape == y0.shape:
@@ -418,11 +472,12 @@ def calibrate(
     device=None,
     order: tuple[str, ...] = ORDER,
     progress: Progress = QUIET,
+    kept: dict[str, list[int]] | None = None,
 ) -> tuple[nn.Module, CalibrationRecord]:
     """Return a calibrated deep copy of ``model`` and the record of what was done.
 
     Args:
-        model: a converted model (with :class:`DepthwiseSeparableConv2d` layers).
+        model: a converted (with :class:`DepthwiseSeparableConv2d` layers) or pruned model.
         original: the model it was converted from; the target. Not modified.
         batches: a DataLoader or list of image batches (N, C, H, W), or (images, labels) pairs;
             the first ``config.batches`` are held in memory (16 x 32 images at 224x224 take
@@ -433,6 +488,7 @@ def calibrate(
             repeat); those the config disables are left out. For experiments: the default
             :data:`ORDER` is the one measured best.
         progress: receives one step per refitted layer.
+        kept: for layers whose outputs were pruned, the original's output channels they kept.
     """
     config = config or CalibrateConfig()
     if not set(order) <= {"refit", "bn"}:
@@ -444,20 +500,21 @@ def calibrate(
     original = copy.deepcopy(original).to(device).eval()
     for p in original.parameters():
         p.requires_grad_(False)
-    names, skipped = converted_layers(model, original)
+    kept = kept or {}
+    names, skipped = converted_layers(model, original, kept)
     calls = _forward_order(model, names, images[0][:1].to(device))
     skipped += [{"name": n, "reason": "not called by forward"} for n in names if n not in calls]
     layers = list(calls)  # in forward order
 
-    before = measure(model, original, layers, images)
+    before = measure(model, original, layers, images, kept)
     bn_layers = 0
     steps = [step for step in order if getattr(config, step)]
     for step in steps:
         if step == "refit":
-            refit(model, original, layers, images, config.ridge, calls, progress)
+            refit(model, original, layers, images, config.ridge, calls, progress, kept)
         else:
             bn_layers = reestimate_bn(model, images)
-    after = measure(model, original, layers, images)
+    after = measure(model, original, layers, images, kept)
 
     def rounded(v):
         return None if v is None else round(v, 6)

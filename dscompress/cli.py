@@ -23,7 +23,7 @@ from dscompress.errors import DscompressError
 COMMANDS = {
     "models": "List the models that can be named (your own: package.module:factory).",
     "convert": "Replace MODEL's convolutions by fitted depthwise-separable ones and save an artifact.",
-    "calibrate": "Refit a converted model to its original on real images, without training.",
+    "calibrate": "Refit a converted or pruned model to its original on real images, without training.",
     "prune": "Remove MODEL's least important channels (Torch-Pruning) and save an artifact.",
     "finetune": "Fine-tune MODEL by distillation from its original (or train it: --teacher none) and save an artifact.",
     "evaluate": "Accuracy of MODEL on the test split: top-1/top-5, or mIoU and pixel accuracy (an artifact records it).",

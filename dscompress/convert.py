@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from dscompress import decompose
-from dscompress._util import captured_output, model_device
+from dscompress._util import captured_output, eval_mode, model_device
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.errors import DscompressError, DscompressWarning, does_not_run, first_line
 from dscompress.layers import DepthwiseSeparableConv2d
@@ -233,6 +233,16 @@ def convert_(
         macs_after=count_macs(model, input_size),
         trace_note=note,
     )
+
+
+def convertible(model: nn.Module, input_size, config: ConvertConfig | None = None, filter_fn: FilterFn | None = None) -> dict[str, ConvCall]:
+    """The convs ``convert`` would replace, by name, with what a forward pass showed about each
+    (input and output shapes for a batch of one, calls per forward)."""
+    config = config or ConvertConfig()
+    with eval_mode(model):
+        convs, functional, _, _ = _discover(model, tuple(input_size), config.trace)
+    chosen, _ = _select(model, convs, functional, config, filter_fn)
+    return {name: convs[name] for name in chosen}
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -39,6 +39,9 @@ from dscompress.metrics import count_macs, count_params
 from dscompress.prune_tp import DS_PRUNER, make_importance
 from dscompress.selection import check_pattern, matches
 
+# The Torch-Pruning handlers that remove a layer's output channels (recorded, for calibration).
+OUT_CHANNEL_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_batchnorm_out_channels, DS_PRUNER.prune_out_channels)
+
 # Random batches that give the taylor importance its gradients when no data is passed.
 TAYLOR_BATCHES = 2
 TAYLOR_BATCH_SIZE = 8
@@ -93,6 +96,7 @@ class LayerChannels(Record):
     groups_before: int | None = None  # convs only
     groups_after: int | None = None
     rank: int | None = None  # DepthwiseSeparableConv2d only
+    kept_out: list[int] | None = None  # the output channels kept, by their index before pruning
 
     @property
     def changed(self) -> bool:
@@ -234,10 +238,11 @@ def _shapes(model: nn.Module, input_size) -> tuple[int, dict[str, dict]]:
     return total, shapes
 
 
-def _layer_records(before: dict[str, dict], after: dict[str, dict]) -> list[LayerChannels]:
+def _layer_records(before: dict[str, dict], after: dict[str, dict], removed: dict[str, set[int]]) -> list[LayerChannels]:
     records = []
     for name, b in before.items():
         a = after[name]
+        kept_out = [c for c in range(b["out"]) if c not in removed[name]] if name in removed and a["out"] != b["out"] else None
         records.append(
             LayerChannels(
                 name=name,
@@ -253,6 +258,7 @@ def _layer_records(before: dict[str, dict], after: dict[str, dict]) -> list[Laye
                 groups_before=b.get("groups"),
                 groups_after=a.get("groups"),
                 rank=b.get("rank"),
+                kept_out=kept_out,
             )
         )
     return records
@@ -352,13 +358,19 @@ def prune(
     if config.importance == "taylor":
         batches = calibration_batches if calibration_batches is not None else _random_batches(input_size, config.seed)
         accumulate_gradients(model, [x.to(device) for x in batches])
-    pruner.step()
+    names = {module: name for name, module in model.named_modules()}
+    removed: dict[str, set[int]] = {}
+    for group in pruner.step(interactive=True):
+        for item in group:
+            if item.dep.handler in OUT_CHANNEL_HANDLERS:
+                removed.setdefault(names[item.dep.target.module], set()).update(int(i) for i in item.idxs)
+        group.prune()
     model.zero_grad(set_to_none=True)
     for name, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(name, True))
 
     macs_after, after = _shapes(model, input_size)
-    layers = _layer_records(before, after)
+    layers = _layer_records(before, after, removed)
     if not any(layer.changed for layer in layers):
         raise DscompressError(
             f"--ratio {config.ratio} with --importance {config.importance} removed no channel: Torch-Pruning "

@@ -221,7 +221,7 @@ def calibration_images(source: Source, config: CalibrateConfig) -> list[torch.Te
 
 @register_step(CalibrateConfig)
 def calibrate_step(source: Source, config: CalibrateConfig, context: StepContext) -> StepOutput:
-    """Refit a converted model to its original on real images, without training."""
+    """Refit a converted or pruned model to its original on real images, without training."""
     has_original = (source.artifact is not None and source.artifact.has_original) or source.pending
     if not has_original:
         raise DscompressError(
@@ -229,8 +229,23 @@ def calibrate_step(source: Source, config: CalibrateConfig, context: StepContext
             f"the model it came from); convert it first: dscompress convert {source.label} -o DIR --calibrate DATA"
         )
     images = calibration_images(source, config)
-    model, record = calibrate(source.model, source.teacher(), images, config, device=resolve_device(config.device), progress=context.progress)
+    model, record = calibrate(source.model, source.teacher(), images, config, device=resolve_device(config.device),
+                              progress=context.progress, kept=kept_channels(source.steps))
     return StepOutput(record, model.cpu())
+
+
+def kept_channels(steps: list[dict]) -> dict[str, list[int]]:
+    """For every layer whose outputs the steps pruned, the original's output channels it kept
+    (composed over several prune steps: the later ones index the channels the earlier kept)."""
+    kept: dict[str, list[int]] = {}
+    for step in steps:
+        if step["step"] != "prune":
+            continue
+        for layer in step["record"].get("layers", []):
+            if layer.get("kept_out") is not None:
+                earlier = kept.get(layer["name"])
+                kept[layer["name"]] = [earlier[i] for i in layer["kept_out"]] if earlier else list(layer["kept_out"])
+    return kept
 
 
 @register_step(PruneConfig, chains=("calibrate",))

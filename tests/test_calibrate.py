@@ -297,3 +297,43 @@ def test_calibrate_artifact_refuses_a_model_with_other_classes(tmp_path):
     save_step(source, str(tmp_path / "five"), model, [step_entry(ConvertConfig(rank=1, include=["layer4.*"]), record)])
     with pytest.raises(DscompressError, match="5 outputs"):
         calibrate_artifact(resolve(str(tmp_path / "five")), str(tmp_path / "x"), CalibrateConfig(data="digits"))
+
+
+# --- pruned models ----------------------------------------------------------------------------------
+
+
+def test_calibrated_pruning_lowers_every_pruned_layer_error(trained, images, test_loader):
+    from dscompress.prune import PruneConfig, prune
+
+    pruned, record = prune(trained, INPUT_SIZE, PruneConfig(ratio=0.5))
+    kept = {layer.name: layer.kept_out for layer in record.layers if layer.kept_out is not None}
+    assert kept and all(torch.equal(trained.get_submodule(n).weight[k], pruned.get_submodule(n).weight)
+                        for n, k in kept.items() if isinstance(pruned.get_submodule(n), nn.Conv2d) and n == "features.0.0")
+    calibrated, result = calibrate(pruned, trained, images, CalibrateConfig(bn=False), kept=kept)
+    changed = {layer.name for layer in record.layers if layer.changed and layer.type in ("Conv2d", "Linear")}
+    assert {layer.name for layer in result.layers} == changed
+    for layer in result.layers:
+        if layer.error_before > 1e-6:  # the first layer's kept outputs are the original's, untouched
+            assert layer.error_after < layer.error_before, layer
+    assert result.output_error_after < 0.5 * result.output_error_before
+    assert accuracy(calibrated, test_loader)["top1"] > accuracy(pruned, test_loader)["top1"] + 10
+
+
+def test_cli_prune_with_calibrate_and_kept_channels_compose(tmp_path):
+    from dscompress.steps import kept_channels
+
+    runner = CliRunner()
+    base = tmp_path / "base"
+    assert runner.invoke(cli, ["finetune", "conftest:TinyCNN", "--num-classes", "10", "--input-size", "3,32,32", "--data", "digits",
+                               "--teacher", "none", "--epochs", "1", "-o", str(base)]).exit_code == 0
+    out = tmp_path / "pruned"
+    result = runner.invoke(cli, ["prune", str(base), "--ratio", "0.5", "-o", str(out), "--calibrate", "digits", "--calibrate-batches", "2",
+                                 "--no-calibrate-bn", "--json"])  # one epoch leaves BatchNorm statistics that do not describe the data
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["calibrate"]["output_error_after"] < printed["calibrate"]["output_error_before"]
+    assert [s["step"] for s in Artifact.open(str(out)).steps] == ["finetune", "prune", "calibrate"]
+    steps = [{"step": "prune", "record": {"layers": [{"name": "a", "kept_out": [0, 2, 3, 5]}]}},
+             {"step": "convert", "record": {}},
+             {"step": "prune", "record": {"layers": [{"name": "a", "kept_out": [1, 3]}, {"name": "b", "kept_out": None}]}}]
+    assert kept_channels(steps) == {"a": [2, 5]}
