@@ -157,6 +157,7 @@ def save(
     original: tuple[dict, dict[str, torch.Tensor]] | None = None,
     metrics: dict | None = None,
     force: bool = False,
+    documents: dict[str, dict] | None = None,
 ) -> Artifact:
     """Write an artifact folder atomically: it is built beside ``path`` and renamed into place.
 
@@ -166,6 +167,8 @@ def save(
         steps: every step so far, oldest first (:func:`step_entry`).
         original: (structure, state dict) of the uncompressed model that the steps started from.
         metrics: extra measured values (accuracy, latency, ...); params, MACs and size are added.
+        documents: JSON documents to keep beside the weights, by file name (``plan.json``),
+            listed in the manifest's ``documents``.
     """
     check_output(path, force)
     base = build_model(spec, load_weights=False)
@@ -197,6 +200,9 @@ def save(
         if "macs" not in metrics:
             metrics["macs"] = count_macs(model, spec.input_size)
         manifest["metrics"] = {"params": count_params(model), "size_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)), **metrics}
+        for name, document in (documents or {}).items():
+            write_json(os.path.join(tmp, name), document)
+            manifest.setdefault("documents", {})[os.path.splitext(name)[0]] = name
         write_json(os.path.join(tmp, MANIFEST), manifest)
         for name in os.listdir(tmp):  # safetensors writes its files 0600 whatever the umask
             default_permissions(os.path.join(tmp, name))
@@ -436,11 +442,12 @@ def resolve(
     return Source(build_model(spec), spec)
 
 
-def save_step(source: Source, out: str, model: nn.Module, entries: list[dict], metrics: dict | None = None, force: bool = False) -> Artifact:
+def save_step(source: Source, out: str, model: nn.Module, entries: list[dict], metrics: dict | None = None, force: bool = False,
+              documents: dict[str, dict] | None = None) -> Artifact:
     """Save ``model`` as the result of the steps ``entries`` (:func:`step_entry`) applied to ``source``.
 
     The new artifact carries the source's steps plus these, and the uncompressed original
     (the teacher for fine-tuning): the source's own original, or the source itself.
     """
     check_output(out, force)
-    return save(out, model, source.spec, source.steps + entries, original=source.original(), metrics=metrics, force=force)
+    return save(out, model, source.spec, source.steps + entries, original=source.original(), metrics=metrics, force=force, documents=documents)

@@ -30,6 +30,7 @@ COMMANDS = {
     "export": "Export MODEL to ONNX and validate it on ONNX Runtime.",
     "validate": "Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider.",
     "bench": "Latency and throughput of models side by side, on PyTorch and ONNX Runtime.",
+    "plan": "Choose per layer dense / depthwise-separable / pruned for a target speed-up on a runtime, and build it.",
     "profile": "Per-layer latency of MODEL on a runtime: where the time goes, and what converting could gain.",
     "report": "Compare artifact folders, folders of them, or run folders side by side.",
     "run": "Run a recipe end to end (continuing a stopped run) and print the comparison report.",

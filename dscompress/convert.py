@@ -57,12 +57,15 @@ class ConvertConfig(StepConfig):
         "auto", "How layers are found: fx (fail if untraceable), hooks, or auto (fx, falling back to hooks)."
     )
     allow_unchanged: bool = option(False, "Save the model even when no conv can be converted (otherwise that is an error).")
+    plan: str | None = option(None, "Apply this plan (the plan.json `dscompress plan` writes) instead of choosing ranks.", metavar="PLAN.json")
 
     def check(self):
         chosen = [k for k in ("rank", "energy", "macs_budget") if getattr(self, k) is not None]
+        if self.plan is not None and chosen:
+            raise ConfigError(None, f"--plan chooses every layer itself: drop {', '.join('--' + c.replace('_', '-') for c in chosen)}")
         if len(chosen) > 1:
             raise ConfigError(None, f"choose ranks one way: give only one of {', '.join('--' + c.replace('_', '-') for c in chosen)}")
-        if not chosen:
+        if not chosen and self.plan is None:
             self.rank = 1
         if isinstance(self.rank, int):
             check_range("rank", self.rank, low=1)

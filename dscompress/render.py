@@ -24,8 +24,10 @@ from dscompress.config import Record
 from dscompress.convert import ConversionRecord
 from dscompress.evaluate import EvalRecord
 from dscompress.export import ExportRecord
+from dscompress.plan import PlanRecord
 from dscompress.profile import ProfileRecord
 from dscompress.prune import PruneRecord
+from dscompress.steps import PlannedConversion
 from dscompress.train import FinetuneRecord
 from dscompress.validate import ValidationRecord
 
@@ -299,6 +301,45 @@ def _profile(record: ProfileRecord) -> list:
         f"convertible layers: {record.convertible_ms:.3f} ms ({record.convertible_ms / record.layer_sum_ms:.1%} of the layers' time); "
         f"the bound: at most {record.bound_speedup:.2f}x faster if they took no time",
         *[f"note: {note}" for note in record.notes],
+    ]
+
+
+@renders(PlanRecord)
+def _plan(record: PlanRecord) -> list:
+    timed = record.original_ms is not None
+    unit_of = {layer: unit for unit in record.units for layer in unit.layers}
+    shown = table(f"plan for {record.target} on {record.runtime} ({record.device}); damage = KL of the output with the unit's option alone, refitted",
+                  ["layer", "choice", "in", "out", "MACs", "predicted ms" if timed else "", "unit damage"], left=("layer", "choice"))
+    for layer in record.layers:
+        unit = unit_of[layer.name]
+        first = unit.layers[0] == layer.name
+        shown.add_row(layer.name, layer.choice, str(layer.in_channels), str(layer.out_channels), human(layer.macs),
+                      f"{layer.predicted_ms:.4f}" if layer.predicted_ms is not None else "",
+                      f"{unit.damage:.4f}" if first else "")
+    lines = []
+    if timed:
+        measured = f"{record.measured_ms:.3f} ms, {record.measured_speedup:.2f}x" if record.measured_ms else "not measured"
+        lines.append(f"original {record.original_ms:.3f} ms; planned: predicted {record.predicted_ms:.3f} ms ({record.predicted_speedup:.2f}x), "
+                     f"measured {measured} (side by side, {record.config['latency_batch']} image(s) per run)")
+    lines.append(f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({ratio(record.macs_after, record.macs_before)})")
+    lines.append(f"damage: predicted {record.damage_predicted:.4f} (sum over units), measured {record.damage_measured:.4f} "
+                 f"({record.agreement_measured:.1f}% same top class as the original) once calibrated")
+    if record.top1_before is not None:
+        lines.append(f"top-1 on the test split: {record.top1_before:.2f}% original -> {record.top1_after:.2f}% planned and calibrated, no training")
+    if len(record.rounds) > 1:
+        lines.append("rounds: " + "; ".join(f"budget {r.budget_ms:.3f}: predicted {r.predicted_ms:.3f}, measured {r.measured_ms:.3f}" for r in record.rounds))
+    lines += [f"note: {note}" for note in record.notes]
+    lines.append(f"took {record.seconds:.1f}s")
+    return [shown, *lines]
+
+
+@renders(PlannedConversion)
+def _planned_conversion(record: PlannedConversion) -> list:
+    changed = {name: choice for name, choice in record.layers.items() if choice != "dense"}
+    return [
+        f"applied {record.plan}: " + (", ".join(f"{name} {choice}" for name, choice in changed.items()) or "every layer stays dense"),
+        f"params: {human(record.params_before)} -> {human(record.params_after)} ({ratio(record.params_after, record.params_before)}); "
+        f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({ratio(record.macs_after, record.macs_before)})",
     ]
 
 

@@ -13,6 +13,8 @@ record what they measured into the source's artifact themselves.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import warnings
@@ -29,8 +31,9 @@ from dscompress.bench import BenchConfig, BenchRecord, BenchResults, BenchTarget
 from dscompress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, calibration_batches
 from dscompress.checkpoint import checkpoint_path
 from dscompress.config import Record, StepConfig
+from dscompress.metrics import count_macs, count_params
 from dscompress.convert import ConversionRecord, ConvertConfig, convert
-from dscompress.data import check_classes, check_task, load_dataset
+from dscompress.data import check_classes, check_task, load_dataset, make_loader
 from dscompress.distributed import World, barrier, destroy, init_distributed
 from dscompress.errors import DscompressError, DscompressWarning
 from dscompress.evaluate import EvalRecord, EvaluateConfig, evaluate
@@ -38,6 +41,8 @@ from dscompress.export import ExportConfig, ExportRecord, export_onnx
 from dscompress.models import build_model
 from dscompress.ort import read_onnx
 from dscompress.profile import ProfileConfig, profile
+from dscompress.plan import Option, PlanConfig, plan
+from dscompress.plan import build as build_plan
 from dscompress.prune import PruneConfig, PruneRecord, prune
 from dscompress.train import TEACHER_NONE, TEACHER_ORIGINAL, FinetuneConfig, FinetuneRecord, finetune
 from dscompress.validate import ValidateConfig, ValidationRecord, validate_onnx
@@ -81,6 +86,7 @@ class StepOutput:
         failure: why a check the step ran did not pass (the CLI exits with status 1), or None.
         is_original: the new model is its own original (a plain model trained from scratch: what
             is converted from it later distills from it).
+        documents: JSON documents to keep in the artifact, by file name (a plan's ``plan.json``).
     """
 
     record: Record
@@ -92,6 +98,7 @@ class StepOutput:
     chained: dict[str, Record] = field(default_factory=dict)
     failure: str | None = None
     is_original: bool = False
+    documents: dict[str, dict] = field(default_factory=dict)
 
 
 Handler = Callable[[Source, StepConfig, StepContext], StepOutput]
@@ -177,7 +184,7 @@ def run_step(source: Source | None, config: StepConfig, context: StepContext | N
     if output.is_original:
         source = Source(model, source.spec)
     if output.save:
-        output.artifact = save_step(source, context.out, model.cpu(), entries, metrics=metrics, force=context.force)
+        output.artifact = save_step(source, context.out, model.cpu(), entries, metrics=metrics, force=context.force, documents=output.documents)
         if output.cleanup:
             shutil.rmtree(output.cleanup, ignore_errors=True)
     return output
@@ -190,6 +197,8 @@ def run_step(source: Source | None, config: StepConfig, context: StepContext | N
 def convert_step(source: Source, config: ConvertConfig, context: StepContext) -> StepOutput:
     """Replace MODEL's convolutions by fitted depthwise-separable ones and save an artifact."""
     _warn_if_random(source)
+    if config.plan:
+        return _convert_by_plan(source, config)
     model, record = convert(source.model, source.spec.input_size, config)
     if not record.layers and not config.allow_unchanged:
         reasons: dict[str, int] = {}
@@ -197,6 +206,42 @@ def convert_step(source: Source, config: ConvertConfig, context: StepContext) ->
             reasons[skipped["reason"]] = reasons.get(skipped["reason"], 0) + 1
         why = "; ".join(f"{count} {reason}" for reason, count in reasons.items()) or "it has no conv layers"
         raise DscompressError(f"nothing to convert in {source.label}: {why}; pass --allow-unchanged to save it as it is")
+    return StepOutput(record, model, metrics={"macs": record.macs_after})
+
+
+def _read_plan(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DscompressError(f"plan {path!r} does not exist; `dscompress plan` writes plan.json into its output folder") from None
+    except (OSError, ValueError) as e:
+        raise DscompressError(f"cannot read plan {path!r}: {e}") from None
+
+
+@dataclass
+class PlannedConversion(Record):
+    """What ``convert --plan`` did: each planned layer's choice, and the pruned layers' kept channels."""
+
+    plan: str
+    layers: dict[str, str]
+    kept: dict[str, list[int]]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+
+def _convert_by_plan(source: Source, config: ConvertConfig) -> StepOutput:
+    layout = _read_plan(config.plan)
+    model, kept = build_plan(source.model, layout)
+    size = source.spec.input_size
+    layers = {}
+    for unit in layout["units"]:
+        for position, layer in enumerate(unit["layers"]):
+            layers[layer] = Option(tuple(unit["ranks"]), float(unit.get("prune", 0.0))).label(position)
+    record = PlannedConversion(config.plan, layers, kept, count_params(source.model), count_params(model),
+                               count_macs(source.model, size), count_macs(model, size))
     return StepOutput(record, model, metrics={"macs": record.macs_after})
 
 
@@ -239,12 +284,13 @@ def kept_channels(steps: list[dict]) -> dict[str, list[int]]:
     (composed over several prune steps: the later ones index the channels the earlier kept)."""
     kept: dict[str, list[int]] = {}
     for step in steps:
-        if step["step"] != "prune":
-            continue
-        for layer in step["record"].get("layers", []):
-            if layer.get("kept_out") is not None:
-                earlier = kept.get(layer["name"])
-                kept[layer["name"]] = [earlier[i] for i in layer["kept_out"]] if earlier else list(layer["kept_out"])
+        record = step.get("record") or {}
+        now = dict(record.get("kept") or {})  # a plan's, or a conversion by a plan
+        if step["step"] == "prune":
+            now.update({layer["name"]: layer["kept_out"] for layer in record.get("layers", []) if layer.get("kept_out") is not None})
+        for name, channels in now.items():
+            earlier = kept.get(name)
+            kept[name] = [earlier[i] for i in channels] if earlier else list(channels)
     return kept
 
 
@@ -419,6 +465,28 @@ def profile_step(source: Source, config: ProfileConfig, context: StepContext) ->
         profiles[f"{record.runtime} b{record.batch_size}"] = record.to_dict()
         source.artifact.update_metrics(profiles=profiles)
     return StepOutput(record, artifact=source.artifact)
+
+
+@register_step(PlanConfig, chains=())
+def plan_step(source: Source, config: PlanConfig, context: StepContext) -> StepOutput:
+    """Choose per layer dense / depthwise-separable / pruned for a target speed-up on a runtime, and build it.
+
+    The artifact keeps the plan as ``plan.json``, which ``convert --plan`` applies again.
+    """
+    if config.data is None:
+        raise DscompressError("plan needs images to calibrate and to measure damage: give --data SPEC (e.g. --data digits)")
+    size = source.spec.input_size
+    train = load_dataset(config.data, size, split="train")
+    check_classes(train, source.model, size, data_name=config.data, task=source.spec.task, model_name=source.label)
+    count = config.batches + math.ceil(config.held_out / config.batch_size)
+    batches = calibration_batches(config.data, size, count, config.batch_size, config.seed)
+    test = load_dataset(config.data, size, split="test")
+    labelled = source.spec.task == "classification"
+    model, record = plan(source.model, size, config, batches, make_loader(test, 256) if labelled else None, progress=context.progress)
+    metrics = {"macs": record.macs_after}
+    if record.top1_after is not None:
+        metrics.update(top1=record.top1_after, eval_data=config.data, eval_images=len(test))
+    return StepOutput(record, model, metrics=metrics, documents={"plan.json": record.plan})
 
 
 # --- the Python API's shorthands -----------------------------------------------------------------

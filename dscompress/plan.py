@@ -1,0 +1,719 @@
+"""Planning: for a target speed-up on a runtime, choose what each layer becomes.
+
+``plan(model, input_size, config, batches)`` chooses per *unit*, minimising the predicted damage
+subject to the predicted latency meeting the budget. A unit is a conv whose output channels feed
+one other conv alone (a pair: ``layer1.0.conv1`` -> ``layer1.0.conv2`` in a ResNet block), where
+the pair's channels can be pruned without touching the rest of the model; or a single convertible
+conv. A unit's options are every combination of keep dense / depthwise-separable at rank r for
+each of its layers, and, for a pair, pruning its channels by a ratio (rounded to ``round_to``):
+``dense``, ``rank-2``, ``prune-0.5``, ``rank-1+prune-0.25`` per layer.
+
+* **Latency** of an option: its layers' candidates timed in isolation on the runtime at their
+  real shapes (:class:`~dscompress.latency.Timer`, cached on disk); the model's latency is the
+  rest (what the table does not vary) plus its units' (:mod:`dscompress.latency`).
+* **Damage** of an option: the option applied alone to the model, its layers refitted to the
+  original's outputs by least squares (:func:`~dscompress.calibrate.refit_layer`), and the KL
+  divergence of the model's output from the original's, averaged over held-out images (the
+  training images after those used for calibration). Damages are taken as additive over units;
+  BENCHMARKS.md checks how well that, and training-free damage, predict accuracy.
+* **The solver** is a multiple-choice knapsack solved exactly by dynamic programming over the
+  latency budget discretised into :data:`RESOLUTION` steps (costs rounded up, so a plan never
+  exceeds its budget by rounding). A Lagrangian search would be faster for many units, but
+  CNNs have tens of units and a few dozen options each: the exact solution costs milliseconds,
+  and it has no duality gap to explain.
+
+The plan is then built, calibrated as a whole (:func:`~dscompress.calibrate.calibrate`), exported
+and timed side by side with the original on the runtime. If the measured speed-up misses the
+target by more than :data:`TOLERANCE`, the budget is corrected by the measured/predicted ratio and
+the plan solved again (at most ``rounds`` times); if the candidates cannot reach the target, the
+error says how fast the fastest plan would be.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from dscompress._util import QUIET, Progress, eval_mode, write_json
+from dscompress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, refit_layer
+from dscompress.config import ConfigError, Record, StepConfig, check_range, option
+from dscompress.convert import ConvCall, set_submodule
+from dscompress.data import DataSpec
+from dscompress.errors import DscompressError
+from dscompress.latency import Choice, Site, Timer, default_cache, round_channels, sites
+from dscompress.layers import DepthwiseSeparableConv2d
+from dscompress.metrics import count_macs
+from dscompress.profile import Runtime
+
+# The latency (or MAC) budget is split into this many steps for the solver.
+RESOLUTION = 2000
+# A measured speed-up this much below the target makes the plan be solved again.
+TOLERANCE = 0.10
+PLAN_FORMAT = "dscompress-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class PlanConfig(StepConfig):
+    """What to plan for. Exactly one of ``speedup``, ``latency_ms`` and ``macs_budget`` is the target."""
+
+    STEP: ClassVar[str] = "plan"
+
+    data: str | None = option(None, "Images: the train split calibrates and measures damage, the test split gives top-1.", metavar="SPEC")
+    runtime: Runtime = option("ort-cpu", "Where the model will run: ort-cpu, ort-cuda, ort-trt (fp16), torch-cpu or torch-cuda.")
+    speedup: float | None = option(None, "Target: this many times faster than the original on the runtime (measured).")
+    latency_ms: float | None = option(None, "Target: at most this many milliseconds per run on the runtime.")
+    macs_budget: float | None = option(None, "Target: keep this share (0-1] of the model's MACs (no timing).")
+    latency_batch: int = option(1, "Images per run on the runtime: the latency target is for this batch.")
+    latency_input_size: list[int] | None = option(
+        None, "C,H,W of the images the model will run on, if not those it was trained at: latency is timed at this size.", metavar="C,H,W"
+    )
+    ranks: list[int] = option(factory=lambda: [1, 2, 4], help="Depthwise-separable ranks to choose from.")
+    prune_ratios: list[float] = option(factory=lambda: [0.25, 0.5], help="Shares of a pair's channels that may be pruned.")
+    round_to: int = option(8, "Pruned channel counts are multiples of this (ONNX Runtime's fast kernels need multiples of 4).")
+    batches: int = option(8, "Batches of calibration images.")
+    batch_size: int = option(32, "Images per calibration batch.")
+    held_out: int = option(256, "Training images after the calibration ones on which damage is measured.")
+    bn: bool = option(True, "Re-estimate the BatchNorm statistics when calibrating the planned model.")
+    rounds: int = option(3, "Plans solved again, with the measured latency, when the measured speed-up misses the target.")
+    seed: int = option(0, "Which images are drawn.")
+    device: str = option("auto", "Where calibration computes: auto, cpu or cuda.")
+
+    def check(self):
+        chosen = [k for k in ("speedup", "latency_ms", "macs_budget") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ConfigError(None, "give one target: --speedup S, --latency-ms L or --macs-budget F")
+        check_range("speedup", self.speedup, low=1, low_open=True)
+        check_range("latency_ms", self.latency_ms, low=0, low_open=True)
+        check_range("macs_budget", self.macs_budget, 0, 1, low_open=True)
+        check_range("latency_batch", self.latency_batch, low=1)
+        if self.latency_input_size is not None and (len(self.latency_input_size) != 3 or min(self.latency_input_size) < 1):
+            raise ConfigError("latency_input_size", f"must be C,H,W with positive values, got {self.latency_input_size}")
+        for rank in self.ranks:
+            check_range("ranks", rank, low=1)
+        for ratio in self.prune_ratios:
+            check_range("prune_ratios", ratio, 0, 1, low_open=True, high_open=True)
+        check_range("round_to", self.round_to, low=1)
+        check_range("batches", self.batches, low=1)
+        check_range("batch_size", self.batch_size, low=2 if self.bn else 1)
+        check_range("held_out", self.held_out, low=1)
+        check_range("rounds", self.rounds, low=1)
+        if self.data is not None:
+            self.data = str(DataSpec.parse(self.data))
+
+
+# --- units and their options -----------------------------------------------------------------------
+
+
+@dataclass
+class Unit:
+    """Layers chosen together: a producer conv and the conv that alone consumes its outputs (whose
+    channels, and their BatchNorms', can be pruned), or one convertible conv."""
+
+    layers: list[str]
+    norms: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.layers)
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.layers) == 2
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a unit becomes: a rank (None: dense) per layer, and the share of a pair's channels pruned."""
+
+    ranks: tuple[int | None, ...]
+    prune: float = 0.0
+
+    def label(self, index: int) -> str:
+        """The choice for the unit's ``index``-th layer: ``dense``, ``rank-2``, ``prune-0.5``, ``rank-1+prune-0.25``."""
+        parts = [] if self.ranks[index] is None else [f"rank-{self.ranks[index]}"]
+        if self.prune and index == 0:
+            parts.append(f"prune-{self.prune:g}")
+        return "+".join(parts) or "dense"
+
+
+def find_units(model: nn.Module, input_size, convertible: dict[str, Site]) -> list[Unit]:
+    """The units of ``model``: pairs found with Torch-Pruning's dependency graph (a group whose
+    only layers are one convertible conv's outputs, its BatchNorms and one conv's inputs), and
+    every other convertible conv alone, in forward order."""
+    model = copy.deepcopy(model)  # the dependency graph follows autograd: every weight must require grad
+    for p in model.parameters():
+        p.requires_grad_(True)
+    names = {module: name for name, module in model.named_modules()}
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    units, paired = [], set()
+    for name, site in convertible.items():
+        if name in paired or site.calls != 1:
+            continue
+        group = graph.get_pruning_group(model.get_submodule(name), tp.prune_conv_out_channels, idxs=[0])
+        outs, ins, norms = set(), set(), []
+        for item in group:
+            module = item.dep.target.module
+            if module not in names:
+                continue  # an operation (ReLU, add), not a layer
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                norms.append(names[module])
+            elif item.dep.handler == tp.prune_conv_in_channels:
+                ins.add(names[module])
+            else:
+                outs.add(names[module])
+        consumer = next(iter(ins)) if len(ins) == 1 else None
+        if outs == {name} and consumer is not None and type(model.get_submodule(consumer)) is nn.Conv2d and model.get_submodule(consumer).groups == 1:
+            units.append(Unit([name, consumer], sorted(set(norms))))
+            paired.update((name, consumer))
+        else:
+            units.append(Unit([name]))
+    # a consumer that is also convertible on its own is in its pair; drop its single unit
+    return [u for u in units if u.is_pair or u.layers[0] not in {layer for p in units if p.is_pair for layer in p.layers}]
+
+
+def unit_options(unit: Unit, convertible: dict[str, Site], ranks: list[int], prune_ratios: list[float]) -> list[Option]:
+    choices = [[None] + list(ranks) if layer in convertible else [None] for layer in unit.layers]
+    ratios = [0.0] + list(prune_ratios) if unit.is_pair else [0.0]
+    return [Option(tuple(combo), ratio) for combo in itertools.product(*choices) for ratio in ratios]
+
+
+def _kept_channels(model: nn.Module, unit: Unit, ratio: float, round_to: int) -> list[int] | None:
+    """The pair's channels kept at ``ratio``: the largest by the group's L2 norm (the producer's
+    output filters and the consumer's input columns, each relative to its mean)."""
+    if not ratio:
+        return None
+    producer, consumer = (model.get_submodule(n) for n in unit.layers)
+    channels = producer.out_channels
+    keep = round_channels(channels, ratio, round_to)
+    out_norm = producer.weight.detach().flatten(1).pow(2).sum(1)
+    in_norm = consumer.weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
+    score = out_norm / out_norm.mean() + in_norm / in_norm.mean()
+    return sorted(score.argsort(descending=True)[:keep].tolist())
+
+
+def _sliced_conv(conv: nn.Conv2d, out_keep: list[int] | None = None, in_keep: list[int] | None = None) -> nn.Conv2d:
+    weight = conv.weight.detach()
+    if out_keep is not None:
+        weight = weight[out_keep]
+    if in_keep is not None:
+        weight = weight[:, in_keep]
+    new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias.detach()[out_keep] if out_keep is not None else conv.bias.detach())
+    return new.train(conv.training)
+
+
+def _sliced_norm(norm: nn.modules.batchnorm._BatchNorm, keep: list[int]) -> nn.Module:
+    new = type(norm)(len(keep), eps=norm.eps, momentum=norm.momentum, affine=norm.affine, track_running_stats=norm.track_running_stats,
+                     device=norm.weight.device if norm.weight is not None else None)
+    with torch.no_grad():
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            value = getattr(norm, attr)
+            if value is not None:
+                getattr(new, attr).copy_(value.detach()[keep])
+        if norm.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    return new.train(norm.training)
+
+
+def apply_option(model: nn.Module, unit: Unit, option: Option, kept: list[int] | None) -> None:
+    """Give ``model`` (in place) the unit's option: prune the pair's channels to ``kept``, then
+    convert each layer with a rank, fitted from its (pruned) kernel."""
+    if kept is not None:
+        producer, consumer = unit.layers
+        set_submodule(model, producer, _sliced_conv(model.get_submodule(producer), out_keep=kept))
+        set_submodule(model, consumer, _sliced_conv(model.get_submodule(consumer), in_keep=kept))
+        for norm in unit.norms:
+            set_submodule(model, norm, _sliced_norm(model.get_submodule(norm), kept))
+    for layer, rank in zip(unit.layers, option.ranks):
+        if rank is not None:
+            set_submodule(model, layer, DepthwiseSeparableConv2d.from_conv(model.get_submodule(layer), rank))
+
+
+# --- costs ---------------------------------------------------------------------------------------
+
+
+def option_channels(unit: Unit, option: Option, convertible_or_all: dict[str, Site], round_to: int) -> list[tuple[int, int]]:
+    """(in, out) channels of each of the unit's layers under the option."""
+    first = convertible_or_all[unit.layers[0]]
+    if not unit.is_pair:
+        return [(first.in_channels, first.out_channels)]
+    second = convertible_or_all[unit.layers[1]]
+    middle = round_channels(first.out_channels, option.prune, round_to) if option.prune else first.out_channels
+    return [(first.in_channels, middle), (middle, second.out_channels)]
+
+
+def site_macs(site: Site, rank: int | None, in_channels: int, out_channels: int, out_pixels: int) -> int:
+    kh, kw = site.kernel_size
+    if rank is None:
+        return out_pixels * out_channels * in_channels * kh * kw
+    return out_pixels * in_channels * rank * (kh * kw + out_channels)
+
+
+# --- damage --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [F.log_softmax(model(x).double(), dim=1) for x in images]
+
+
+@torch.no_grad()
+def kl_damage(model: nn.Module, reference: list[torch.Tensor], images: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean KL(original || model) of the outputs (per image, or per pixel for per-pixel logits),
+    and the share (percent) of them where both pick the same class."""
+    total = agree = count = 0.0
+    for ref, x in zip(reference, images):
+        out = F.log_softmax(model(x).double(), dim=1)
+        kl = (ref.exp() * (ref - out)).sum(1)
+        total += float(kl.sum())
+        agree += float((ref.argmax(1) == out.argmax(1)).sum())
+        count += kl.numel()
+    return total / count, 100.0 * agree / count
+
+
+class DamageCache:
+    """Damages measured before, on disk beside the latency cache, keyed by the model's weights,
+    the unit, the option and the images."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.entries: dict[str, list[float]] = {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    self.entries = json.load(f)
+            except (OSError, ValueError):
+                self.entries = {}
+        self.changed = False
+
+    def save(self) -> None:
+        if self.path and self.changed:
+            write_json(self.path, self.entries)
+            self.changed = False
+
+
+def model_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+# --- the solver -----------------------------------------------------------------------------------
+
+
+def solve(costs: list[list[float]], damages: list[list[float]], budget: float, resolution: int = RESOLUTION) -> list[int] | None:
+    """One option per unit, with total cost at most ``budget`` and the least total damage.
+
+    A multiple-choice knapsack, solved exactly by dynamic programming over the budget split into
+    ``resolution`` steps; each cost is rounded up to whole steps, so the choice never exceeds the
+    budget. Returns the chosen option of each unit, or None when no choice fits.
+    """
+    if budget < 0:
+        return None
+    step = budget / resolution if budget > 0 else 1.0
+    best = np.zeros(resolution + 1)  # least damage with a cost of at most b steps
+    back = []
+    for unit_costs, unit_damages in zip(costs, damages):
+        new = np.full(resolution + 1, np.inf)
+        arg = np.full(resolution + 1, -1, dtype=np.int64)
+        for index, (cost, damage) in enumerate(zip(unit_costs, unit_damages)):
+            steps = int(math.ceil(cost / step - 1e-9)) if cost > 0 else 0
+            if steps > resolution:
+                continue
+            candidate = np.full(resolution + 1, np.inf)
+            candidate[steps:] = best[: resolution + 1 - steps] + damage
+            better = candidate < new
+            new[better], arg[better] = candidate[better], index
+        best = new
+        back.append((arg, [int(math.ceil(c / step - 1e-9)) if c > 0 else 0 for c in unit_costs]))
+    if not np.isfinite(best[resolution]):
+        return None
+    chosen, b = [], resolution
+    for arg, steps in reversed(back):
+        index = int(arg[b])
+        chosen.append(index)
+        b -= steps[index]
+    return list(reversed(chosen))
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedLayer(Record):
+    """One layer of the plan: what it becomes, its channels then, and its predicted time (ms per run)."""
+
+    name: str
+    choice: str
+    in_channels: int
+    out_channels: int
+    predicted_ms: float | None
+    macs: int
+
+
+@dataclass
+class PlannedUnit(Record):
+    """One unit: its option's predicted time and damage (KL of the output, alone, refitted)."""
+
+    layers: list[str]
+    choice: list[str]
+    predicted_ms: float | None
+    damage: float
+    agreement: float
+
+
+@dataclass
+class PlanRound(Record):
+    """One solve: the budget the units got, and the plan's predicted and measured latency (ms)."""
+
+    budget_ms: float
+    predicted_ms: float
+    measured_ms: float | None
+
+
+@dataclass
+class PlanRecord(Record):
+    """What :func:`plan` chose and what it measured.
+
+    Speed-ups are original / planned on ``runtime`` at batch ``latency_batch`` (``predicted``
+    from the latency table, ``measured`` side by side); with a MAC budget they are MAC ratios.
+    ``damage_predicted`` is the sum of the chosen options' damages, ``damage_measured`` the planned
+    and calibrated model's own, on the same held-out images; top-1 on the data's test split
+    (None without labels).
+    """
+
+    config: dict
+    input_size: list[int]
+    runtime: str
+    device: str
+    target: str
+    original_ms: float | None
+    predicted_ms: float | None
+    measured_ms: float | None
+    predicted_speedup: float
+    measured_speedup: float | None
+    macs_before: int
+    macs_after: int
+    layers: list[PlannedLayer]
+    units: list[PlannedUnit]
+    damage_predicted: float
+    damage_measured: float
+    agreement_measured: float
+    rounds: list[PlanRound] = field(default_factory=list)
+    top1_before: float | None = None
+    top1_after: float | None = None
+    calibration: CalibrationRecord | None = None
+    plan: dict = field(default_factory=dict)
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def build(model: nn.Module, layout: dict) -> tuple[nn.Module, dict[str, list[int]]]:
+    """A copy of ``model`` with a saved plan (``plan.json``'s content) applied: pairs pruned to
+    their recorded channels, layers converted at their ranks. Returns it and the kept output
+    channels of the pruned layers (for calibration)."""
+    if layout.get("format") != PLAN_FORMAT or not isinstance(layout.get("units"), list):
+        raise DscompressError("not a dscompress plan: write one with `dscompress plan` (its plan.json)")
+    if layout.get("version", 0) > PLAN_VERSION:
+        raise DscompressError(f"this plan has version {layout['version']}, newer than this dscompress reads ({PLAN_VERSION}); upgrade dscompress")
+    model = copy.deepcopy(model).eval()
+    kept = {}
+    known = {name for name, _ in model.named_modules()}
+    for entry in layout["units"]:
+        unit = Unit(list(entry["layers"]), list(entry.get("norms", [])))
+        missing = [n for n in unit.layers + unit.norms if n not in known]
+        if missing:
+            raise DscompressError(f"the plan names {missing[0]!r}, which this model does not have; plan this model again")
+        option = Option(tuple(entry["ranks"]), float(entry.get("prune", 0.0)))
+        apply_option(model, unit, option, entry.get("kept"))
+        if entry.get("kept") is not None:
+            kept[unit.layers[0]] = list(entry["kept"])
+    return model, kept
+
+
+def layout_of(units: list[Unit], options: list[Option], kept: list[list[int] | None]) -> dict:
+    """What ``plan.json`` holds: enough to build the planned model again (:func:`build`)."""
+    return {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "units": [
+            {"layers": unit.layers, "norms": unit.norms if channels is not None else [], "ranks": list(option.ranks),
+             "prune": option.prune, "kept": channels}
+            for unit, option, channels in zip(units, options, kept)
+        ],
+    }
+
+
+def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=None, timer: Timer | None = None,
+         progress: Progress = QUIET) -> tuple[nn.Module, PlanRecord]:
+    """Plan, build, calibrate and measure ``model`` for ``config``'s target.
+
+    Args:
+        model: the dense model to compress (trained); not modified.
+        input_size: (C, H, W).
+        batches: training image batches (N, C, H, W) or (images, labels) pairs: the first
+            ``config.batches`` calibrate, the next ``held_out`` images measure damage.
+        test_data: a DataLoader of (images, labels) for top-1 before and after, or None.
+        timer: where latency is measured (default: a :class:`~dscompress.latency.Timer` for the
+            config's runtime and batch, cached on disk).
+
+    Returns:
+        (the planned, calibrated model, the record).
+    """
+    start = time.perf_counter()
+    input_size = tuple(int(v) for v in input_size)
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    calibration, held_out = _split_batches(batches, config)
+    by_mac = config.macs_budget is not None
+    timer = None if by_mac else (timer or Timer(config.runtime, config.latency_batch))
+    cost_size = tuple(config.latency_input_size or input_size)  # where latency (or MACs) is counted
+    found = sites(model, cost_size)
+    if not found:
+        raise DscompressError("nothing to plan: the model has no conv that conversion takes (see `dscompress convert` for why each is skipped)")
+    units = find_units(model, input_size, found)
+    all_sites = {**found, **{n: Site.of(n, model.get_submodule(n), _call_of(model, n, cost_size)) for u in units for n in u.layers if n not in found}}
+    options = [unit_options(u, found, config.ranks, config.prune_ratios) for u in units]
+    out_pixels = _out_pixels(model, cost_size, [n for u in units for n in u.layers])
+    macs_before = count_macs(model, input_size)
+    cost_macs = count_macs(model, cost_size)
+
+    # costs: predicted ms (or MACs) per option
+    progress.start("plan: latency of the candidates" if timer else "plan: MACs of the candidates", sum(map(len, options)))
+    costs, per_layer = [], []
+    for unit, unit_options_ in zip(units, options):
+        unit_costs, unit_layers = [], []
+        for option in unit_options_:
+            channels = option_channels(unit, option, all_sites, config.round_to)
+            values = []
+            for layer, rank, (cin, cout) in zip(unit.layers, option.ranks, channels):
+                site = all_sites[layer]
+                if timer:
+                    values.append(site.calls * timer.time(site, Choice(rank, cin, cout)))
+                else:
+                    values.append(site_macs(site, rank, cin, cout, out_pixels[layer]))
+            unit_costs.append(sum(values))
+            unit_layers.append(values)
+            progress.advance(1, unit.name)
+        costs.append(unit_costs)
+        per_layer.append(unit_layers)
+    progress.stop()
+    if timer:
+        timer.save()
+        original_ms = timer.time_module(model, cost_size)
+        dense_sum = sum(c[0] for c in costs)  # option 0 is all dense, unpruned
+        rest = original_ms - dense_sum
+        target_ms = original_ms / config.speedup if config.speedup else config.latency_ms
+    else:
+        original_ms = None
+        dense_sum = sum(c[0] for c in costs)
+        rest = cost_macs - dense_sum
+        target_ms = cost_macs * config.macs_budget
+    fastest = rest + sum(min(c) for c in costs)
+    if fastest > target_ms:
+        what = f"{config.speedup:g}x" if config.speedup else (f"{config.latency_ms:g} ms" if config.latency_ms else f"{config.macs_budget:g} of the MACs")
+        reach = (f"the fastest plan these candidates allow is predicted at {fastest:.3f} ms ({original_ms / fastest:.2f}x); "
+                 f"the layers plans cannot change leave at most {original_ms / max(rest, 1e-9):.2f}x") if timer else (
+                 f"the smallest plan keeps {fastest / cost_macs:.3f} of the MACs")
+        raise DscompressError(f"cannot reach {what} on {config.runtime if timer else 'MACs'}: {reach}; add lower ranks or prune ratios, or lower the target")
+
+    # damages: each option alone, refitted, against the original on held-out images
+    damages, agreements, kept_of = _damages(model, units, options, calibration, held_out, config, progress)
+
+    # solve, build, measure; solve again with the measured correction if the target is missed
+    rounds, correction, chosen = [], 1.0, None
+    for _ in range(config.rounds):
+        budget = target_ms / correction - rest
+        picked = solve(costs, damages, budget)
+        if picked is None:
+            break
+        chosen = picked
+        predicted = rest + sum(c[i] for c, i in zip(costs, chosen))
+        planned, kept = build(model, layout_of(units, [o[i] for o, i in zip(options, chosen)], [k[i] for k, i in zip(kept_of, chosen)]))
+        measured = timer.time_module(planned, cost_size) if timer else count_macs(planned, cost_size)
+        rounds.append(PlanRound(round(budget, 5), round(predicted, 5), round(measured, 5)))
+        if by_mac or measured <= target_ms * (1 + TOLERANCE):
+            break
+        correction = measured / predicted
+    if chosen is None:
+        raise DscompressError("no plan fits the budget once corrected by the measured latency; lower the target")
+
+    picked_options = [o[i] for o, i in zip(options, chosen)]
+    layout = layout_of(units, picked_options, [k[i] for k, i in zip(kept_of, chosen)])
+    planned, kept = build(model, layout)
+    calibrate_config = CalibrateConfig(data=config.data, batches=config.batches, batch_size=config.batch_size, bn=config.bn,
+                                       seed=config.seed, device=config.device)
+    calibrated, calibration_record = calibrate(planned, model, calibration, calibrate_config, kept=kept, progress=progress)
+    calibrated = calibrated.cpu()
+    damage_measured, agreement_measured = kl_damage(calibrated, _log_probs(model, held_out), held_out)
+    measured = rounds[-1].measured_ms
+    layers = []
+    for unit, option, index, values in zip(units, picked_options, chosen, per_layer):
+        channels = option_channels(unit, option, all_sites, config.round_to)
+        for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, channels)):
+            layers.append(PlannedLayer(layer, option.label(position), cin, cout,
+                                       round(values[index][position], 5) if timer else None,
+                                       site_macs(all_sites[layer], option.ranks[position], cin, cout, out_pixels[layer])))
+    record = PlanRecord(
+        config=config.to_dict(),
+        input_size=list(input_size),
+        runtime=config.runtime if timer else "macs",
+        device=timer.context["device"] if timer else "-",
+        target=(f"{config.speedup:g}x" if config.speedup else f"{config.latency_ms:g} ms") if timer else f"{config.macs_budget:g} of the MACs",
+        original_ms=round(original_ms, 5) if timer else None,
+        predicted_ms=round(rounds[-1].predicted_ms, 5) if timer else None,
+        measured_ms=measured if timer else None,
+        predicted_speedup=round((original_ms if timer else cost_macs) / rounds[-1].predicted_ms, 4),
+        measured_speedup=round((original_ms if timer else cost_macs) / measured, 4) if measured else None,
+        macs_before=macs_before,
+        macs_after=count_macs(calibrated, input_size),
+        layers=layers,
+        units=[PlannedUnit(u.layers, [o[i].label(p) for p in range(len(u.layers))], round(c[i], 5) if timer else None,
+                           round(d[i], 6), round(a[i], 3))
+               for u, o, i, c, d, a in zip(units, options, chosen, costs, damages, agreements)],
+        damage_predicted=round(sum(d[i] for d, i in zip(damages, chosen)), 6),
+        damage_measured=round(damage_measured, 6),
+        agreement_measured=round(agreement_measured, 3),
+        rounds=rounds,
+        calibration=calibration_record,
+        plan=layout,
+        kept=kept,
+        seconds=0.0,
+    )
+    if timer and record.measured_speedup and config.speedup and record.measured_speedup < config.speedup * (1 - TOLERANCE):
+        record.notes.append(f"measured {record.measured_speedup:.2f}x misses the target {config.speedup:g}x by more than {TOLERANCE:.0%} after {len(rounds)} round(s)")
+    if test_data is not None:
+        record.top1_before = _top1(model, test_data)
+        record.top1_after = _top1(calibrated, test_data)
+    record.seconds = round(time.perf_counter() - start, 2)
+    return calibrated, record
+
+
+def _split_batches(batches, config: PlanConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The calibration batches and the held-out ones (about ``held_out`` images) that follow."""
+    calibration, held_out, count = [], [], 0
+    for batch in batches:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if len(calibration) < config.batches:
+            calibration.append(images)
+        elif count < config.held_out:
+            held_out.append(images[: config.held_out - count])
+            count += len(held_out[-1])
+        else:
+            break
+    if not calibration or not held_out:
+        raise DscompressError(f"plan needs {config.batches} batches of calibration images and {config.held_out} more: the data has too few")
+    return calibration, held_out
+
+
+def _damages(model, units, options, calibration, held_out, config, progress):
+    """Damage and top-1 agreement of every option alone, with its layers refitted; and kept channels."""
+    cache = DamageCache(os.path.join(os.path.dirname(default_cache()), "damage.json"))
+    digest = hashlib.sha256(json.dumps({
+        "model": model_digest(model), "calibration": [float(x.sum()) for x in calibration], "held_out": [float(x.sum()) for x in held_out],
+        "round_to": config.round_to, "version": 1,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    reference = _log_probs(model, held_out)
+    work = copy.deepcopy(model)
+    damages, agreements, kept_of = [], [], []
+    progress.start("plan: damage of the candidates", sum(map(len, options)))
+    for unit, unit_options_ in zip(units, options):
+        saved = {n: work.get_submodule(n) for n in unit.layers + unit.norms}
+        unit_damage, unit_agreement, unit_kept = [], [], []
+        for option in unit_options_:
+            kept = _kept_channels(model, unit, option.prune, config.round_to) if unit.is_pair else None
+            unit_kept.append(kept)
+            key = f"{digest}|{unit.name}|{option.ranks}|{option.prune}"
+            if key not in cache.entries:
+                if option.ranks == tuple(None for _ in unit.layers) and not option.prune:
+                    cache.entries[key] = [0.0, 100.0]
+                else:
+                    apply_option(work, unit, option, kept)
+                    for position, layer in enumerate(unit.layers):
+                        converted = option.ranks[position] is not None
+                        if converted or (position == 1 and kept is not None):  # a pruned producer keeps its kept rows
+                            refit_layer(work, model, layer, calibration, out_channels=kept if position == 0 else None)
+                    cache.entries[key] = list(kl_damage(work, reference, held_out))
+                    for name, module in saved.items():
+                        set_submodule(work, name, module)
+                cache.changed = True
+            damage, agreement = cache.entries[key]
+            unit_damage.append(damage)
+            unit_agreement.append(agreement)
+            progress.advance(1, unit.name)
+        damages.append(unit_damage)
+        agreements.append(unit_agreement)
+        kept_of.append(unit_kept)
+    progress.stop()
+    cache.save()
+    return damages, agreements, kept_of
+
+
+@torch.no_grad()
+def _top1(model: nn.Module, loader) -> float:
+    correct = total = 0
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for images, labels in loader:
+            logits = model(images.to(device))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            total += len(labels)
+    return round(100.0 * correct / max(total, 1), 4)
+
+
+def _out_pixels(model: nn.Module, input_size, names: list[str]) -> dict[str, int]:
+    """Output pixels per image of the named convs, over all their calls."""
+    pixels: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            pixels[name] = pixels.get(name, 0) + output.shape[-2] * output.shape[-1]
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pixels
+
+
+def _call_of(model: nn.Module, name: str, input_size):
+    """What one forward shows about the named conv (for a consumer conv that is not convertible)."""
+    seen = {}
+
+    def record(module, args, output):
+        seen.setdefault("call", ConvCall(tuple(args[0].shape), tuple(output.shape)))
+
+    handle = model.get_submodule(name).register_forward_hook(record)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return seen["call"]
