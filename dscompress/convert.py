@@ -261,7 +261,7 @@ def _discover(model: nn.Module, input_size, trace: str) -> tuple[dict[str, ConvC
     """(convs by name, functional conv nodes, how they were found, why fx was not used)."""
     if trace != "hooks":
         try:
-            graph_module = torch.fx.symbolic_trace(model)
+            graph_module = torch.fx.GraphModule(model, _Tracer().trace(model))
         except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors
             message = _trace_failure(model, e)
             if trace == "fx":
@@ -271,6 +271,13 @@ def _discover(model: nn.Module, input_size, trace: str) -> tuple[dict[str, ConvC
             return _discover_hooks(model, input_size), [], "hooks", note
         return (*_discover_fx(graph_module, model, input_size), "fx", None)
     return _discover_hooks(model, input_size), [], "hooks", None
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with depthwise-separable layers (already converted) as single calls."""
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, DepthwiseSeparableConv2d) or super().is_leaf_module(module, name)
 
 
 def _trace_failure(model: nn.Module, error: Exception) -> str:

@@ -11,6 +11,20 @@ from torch import nn
 from dscompress import decompose
 
 
+def split_pays(rank: int, pixels: int) -> bool:
+    """Whether eager PyTorch runs a rank-``rank`` layer faster as r multiplier-1 pairs than as one
+    multiplier-r depthwise conv, on inputs of ``pixels`` (H*W) per channel.
+
+    Measured on a 2-core x86 CPU, one thread, batch 1 (``benchmarks/export_forms.py``): at rank 2
+    the split form wins from 14x14 (0.68 vs 0.76 ms at 256 channels) up (0.96 vs 1.65 ms at 64
+    channels, 56x56) and loses at 7x7 (0.99 vs 0.88 ms); at rank 4 it wins only at 56x56 and loses
+    by up to 1.75x below, where its r separate pointwise calls cost more than they save.
+    ONNX Runtime is another matter: there a multiplier above 1 leaves its blocked kernel, and the
+    split form wins at every size (what export writes).
+    """
+    return pixels >= (196 if rank == 2 else 3136)
+
+
 class DepthwiseSeparableConv2d(nn.Module):
     """A KxK depthwise convolution followed by a 1x1 pointwise convolution.
 
@@ -102,16 +116,13 @@ class DepthwiseSeparableConv2d(nn.Module):
         return layer.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """At rank r > 1, as r pairs of a depth-multiplier-1 depthwise conv (filters ``j*r + t``)
-        and its pointwise columns, summed: the same function as ``pointwise(depthwise(x))`` (up
-        to the order of float additions), and the fastest form measured. ONNX Runtime's CPU
-        provider runs a multiplier-1 depthwise conv in its blocked NCHWc kernel but any multiplier
-        above 1 as a generic grouped conv (an im2col and a tiny GEMM per channel), and fuses the
-        ``Add`` chain into the next pointwise conv; eager PyTorch gains too. Measured in
-        BENCHMARKS.md ("Export form"): rank-2 resnet18 at 224, batch 1, one thread, 3.05x faster
-        than the original on ONNX Runtime CPU in this form, 1.70x with one multiplier-2 conv.
+        """``pointwise(depthwise(x))``; at rank r > 1 on large images, computed as r pairs of a
+        depth-multiplier-1 depthwise conv (filters ``j*r + t``) and its pointwise columns, summed:
+        the same function up to the order of float additions, and faster there in eager PyTorch
+        (:func:`split_pays`). Export always writes the split form (:func:`deploy_form`), which
+        ONNX Runtime runs fastest at every size.
         """
-        if self.rank == 1:
+        if self.rank == 1 or not split_pays(self.rank, x.shape[-2] * x.shape[-1]):
             return self.pointwise(self.depthwise(x))
         rank, depthwise, pointwise = self.rank, self.depthwise, self.pointwise
         y = None

@@ -102,3 +102,25 @@ def test_looks_like_a_conv():
 def test_rank_must_be_positive():
     with pytest.raises(ValueError):
         DepthwiseSeparableConv2d(4, 4, 3, rank=0)
+
+
+@pytest.mark.parametrize("rank,size", [(2, 7), (2, 28), (4, 7), (4, 56)])
+def test_every_form_computes_the_same_function(rank, size):
+    """Multiplier r, r split pairs (forward at large sizes, export always), BatchNorm folded: one function."""
+    from dscompress.layers import SplitDepthwiseSeparable, deploy_form, split_pays
+
+    torch.manual_seed(0)
+    layer = DepthwiseSeparableConv2d(8, 12, 3, padding=2, dilation=2, rank=rank).double().eval()
+    nn.init.normal_(layer.pointwise.bias)
+    x = torch.randn(2, 8, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        reference = layer.pointwise(layer.depthwise(x))
+        torch.testing.assert_close(layer(x), reference)
+        torch.testing.assert_close(SplitDepthwiseSeparable(layer)(x), reference)
+        model = nn.Sequential(layer, nn.BatchNorm2d(12).double().eval(), nn.ReLU()).eval()
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        deployed = deploy_form(model)
+        assert isinstance(deployed[0], SplitDepthwiseSeparable) and isinstance(deployed[1], nn.Identity)  # the BatchNorm is folded
+        torch.testing.assert_close(deployed(x), model(x))
+    assert split_pays(rank, size * size) == (size >= 14 if rank == 2 else size >= 56)
