@@ -1,47 +1,46 @@
-"""Per-layer latency tables: every candidate for a layer, timed in isolation on the target runtime.
+"""Per-layer latency tables: what each convertible layer would cost on the target runtime, by candidate.
 
-For each convertible layer, its candidates are built at the layer's real input shape and batch
-and timed alone on the runtime (ONNX Runtime CPU/CUDA/TensorRT, or PyTorch eager): the dense
-layer; depthwise-separable at ranks 1, 2, 4 ... in the form export writes
-(:func:`~dscompress.layers.deploy_form`); the dense layer with its output channels cut to a few
-ratios (rounded to 8). Any other (rank, channels) can be asked for. Times are cached on disk,
-keyed by runtime, device, library versions, threads, batch and the layer's shape, so asking again
-is instant.
+For each convertible layer the candidates are: keep it dense; depthwise-separable at ranks 1, 2,
+4 ... (in the form export writes); and, for a pair (:mod:`dscompress.units`), the pair's channels
+pruned by a few ratios (rounded to 8), alone or with a rank. A layer's time is measured inside
+the model it runs in: the model is built with every unit at one candidate (all dense, all rank 2,
+all rank 1 with the pairs pruned 25% ...) and profiled on the runtime
+(:func:`~dscompress.profile.profile`: ONNX Runtime's profiler, or hooks in PyTorch), which gives
+every layer's time at that candidate at once.
 
-A whole model's latency is predicted as the rest (the whole model's measured time minus its
-convertible layers' dense times) plus the chosen candidates' times: the rest holds what the
-table does not vary (the stem, 1x1 convs, pooling, the classifier) and the per-call overhead
-that timing layers one by one adds. BENCHMARKS.md checks the prediction against measurement.
+Why not time each candidate alone? Measured on resnet18 at 3x224x224 on ONNX Runtime CPU, a conv
+timed in isolation ran 15-25% faster than the same conv inside the model (its weights stay in
+cache between runs, and the model's fused BatchNorm, ReLU and residual add are not there), and
+the error does not cancel between dense and depthwise-separable candidates: predictions from
+isolated timings were 18-60% too slow. Inside the model the prediction is within a few percent
+(BENCHMARKS.md). Profiles are cached on disk, keyed by runtime, device, library versions,
+threads, batch and the built model's architecture, so asking again is instant.
+
+A whole model's latency is predicted as the rest (the dense model's measured time minus its
+convertible layers' times) plus the chosen candidates' times.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import platform
-import tempfile
-import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from dscompress._util import QUIET, Progress, eval_mode, write_json
 from dscompress.config import Record
-from dscompress.convert import ConvCall, convertible
+from dscompress.convert import convertible
 from dscompress.errors import DscompressError
-from dscompress.export import ExportConfig, export_onnx
-from dscompress.layers import DepthwiseSeparableConv2d, deploy_form
-from dscompress.ort import open_session
-from dscompress.profile import ORT_PROVIDERS, RUNTIMES
+from dscompress.profile import RUNTIMES, ProfileConfig, profile
+from dscompress.units import Option, Unit, build, find_units, layout_of, pair_channels
 
 CACHE_ENV = "DSCOMPRESS_CACHE"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache() -> str:
@@ -63,66 +62,36 @@ def device_name(runtime: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def round_channels(channels: int, ratio: float, multiple: int = 8) -> int:
-    """``channels`` with ``ratio`` of them removed, rounded down to a multiple (at least one multiple)."""
-    kept = int(channels * (1 - ratio))
-    return max(multiple, kept // multiple * multiple) if channels > multiple else max(1, kept)
+def candidate_key(rank: int | None, prune: float = 0.0) -> str:
+    """``dense``, ``rank-2``, ``dense@prune-0.5``, ``rank-1@prune-0.25``: a layer's candidate (``@``
+    the share of its pair's channels pruned, on its outputs or on its inputs)."""
+    name = "dense" if rank is None else f"rank-{rank}"
+    return f"{name}@prune-{prune:g}" if prune else name
 
 
-@dataclass(frozen=True)
-class Site:
-    """A conv as it runs in its model: its parameters and the input it gets (batch of one)."""
-
-    name: str
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple | str
-    dilation: tuple[int, int]
-    bias: bool
-    padding_mode: str
-    input_hw: tuple[int, int]
-    calls: int = 1
-
-    @classmethod
-    def of(cls, name: str, conv: nn.Conv2d, call: ConvCall) -> Site:
-        return cls(name, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
-                   conv.padding if isinstance(conv.padding, str) else tuple(conv.padding), tuple(conv.dilation),
-                   conv.bias is not None, conv.padding_mode, tuple(call.input_shape[-2:]), call.calls)
-
-    def module(self, rank: int | None, in_channels: int, out_channels: int) -> nn.Module:
-        """The candidate: dense (``rank`` None) or depthwise-separable at ``rank``, in deploy form,
-        with the given channels (random weights: time does not depend on them)."""
-        args = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    bias=self.bias, padding_mode=self.padding_mode)
-        if rank is None:
-            return nn.Conv2d(in_channels, out_channels, **args).eval()
-        return deploy_form(DepthwiseSeparableConv2d(in_channels, out_channels, rank=rank, **args).eval())
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A candidate for a site: dense (``rank`` None) or depthwise-separable, with its channels."""
-
-    rank: int | None
-    in_channels: int
-    out_channels: int
+def architecture(model: nn.Module) -> str:
+    """A digest of the model's modules and tensor shapes (not their values)."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(f"{name}:{type(module).__name__}:{module.extra_repr()}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+    return digest.hexdigest()[:24]
 
 
 class Timer:
-    """Times candidates on one runtime, once: every result goes to a JSON cache on disk.
+    """Times models and profiles their layers on one runtime; profiles are cached on disk.
 
     Args:
         runtime: ``ort-cpu``, ``ort-cuda``, ``ort-trt``, ``torch-cpu`` or ``torch-cuda``.
         batch_size: images per run.
         threads: CPU threads (default: torch's current number).
-        cache: the cache file (default :func:`default_cache`); None in ``cache=False`` keeps nothing.
+        cache: the cache file (default :func:`default_cache`); ``False`` keeps nothing.
         warmup, iters: untimed and timed runs; a time is the median.
     """
 
     def __init__(self, runtime: str = "ort-cpu", batch_size: int = 1, threads: int | None = None, cache: str | bool | None = None,
-                 warmup: int = 5, iters: int = 20):
+                 warmup: int = 5, iters: int = 30):
         if runtime not in RUNTIMES:
             raise DscompressError(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
         self.runtime, self.batch_size = runtime, batch_size
@@ -133,7 +102,7 @@ class Timer:
             "runtime": runtime, "device": device_name(runtime), "threads": self.threads, "batch": batch_size,
             "torch": torch.__version__, "onnxruntime": _ort_version(), "version": CACHE_VERSION,
         }
-        self.entries: dict[str, float] = {}
+        self.entries: dict[str, dict] = {}
         self.measured = 0
         if self.cache_path and os.path.isfile(self.cache_path):
             try:
@@ -142,59 +111,39 @@ class Timer:
             except (OSError, ValueError):
                 self.entries = {}  # a damaged cache is measured again
 
-    def key(self, site: Site, choice: Choice) -> str:
-        shape = {k: v for k, v in vars(site).items() if k not in ("name", "in_channels", "out_channels", "calls")}
-        text = json.dumps({**self.context, **shape, "choice": vars(choice)}, sort_keys=True, default=list)
+    def key(self, model: nn.Module, input_size) -> str:
+        text = json.dumps({**self.context, "architecture": architecture(model), "input": list(input_size)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    def time(self, site: Site, choice: Choice) -> float:
-        """Median ms per run of one call of the candidate (cached)."""
-        key = self.key(site, choice)
+    def layer_times(self, model: nn.Module, input_size) -> dict:
+        """``{"total": ms, "layers": {name: ms}}``: the model's time (no profiler) and each layer's
+        inside it (cached)."""
+        key = self.key(model, input_size)
         if key not in self.entries:
-            module = site.module(choice.rank, choice.in_channels, choice.out_channels)
-            self.entries[key] = round(self.time_module(module, (choice.in_channels, *site.input_hw)), 5)
+            config = ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                record = profile(model, input_size, config)
+            finally:
+                torch.set_num_threads(threads)
+            self.entries[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
             self.measured += 1
         return self.entries[key]
+
+    def time_module(self, model: nn.Module, input_size) -> float:
+        """The model's median ms per run (measured now, not cached: for checking a prediction)."""
+        saved = self.entries.pop(self.key(model, input_size), None)
+        try:
+            return self.layer_times(model, input_size)["total"]
+        finally:
+            if saved is not None:
+                self.entries[self.key(model, input_size)] = saved
 
     def save(self) -> None:
         if self.cache_path and self.measured:
             write_json(self.cache_path, self.entries)
             self.measured = 0
-
-    def time_module(self, module: nn.Module, input_size) -> float:
-        """Median ms per run of a module (or whole model) on this runtime; not cached."""
-        if self.runtime.startswith("ort"):
-            return self._time_ort(module, input_size)
-        return self._time_torch(module, input_size)
-
-    def _time_ort(self, module: nn.Module, input_size) -> float:
-        provider = ORT_PROVIDERS[self.runtime]
-        fp16 = self.runtime == "ort-trt"
-        with tempfile.TemporaryDirectory(prefix="dscompress-latency-") as tmp:
-            path = os.path.join(tmp, "m.onnx")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                export_onnx(module, input_size, path, ExportConfig(validate=False, fp16=fp16, batch=self.batch_size, exporter="torchscript"))
-            session, reason = open_session(path, provider, threads=self.threads, fp16=fp16)
-            if session is None:
-                raise DscompressError(f"--runtime {self.runtime} cannot run here: {reason}")
-            feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((self.batch_size, *input_size), dtype=np.float32)}
-            return _median_ms(lambda: session.run(None, feed), self.warmup, self.iters)
-
-    def _time_torch(self, module: nn.Module, input_size) -> float:
-        device = torch.device("cuda" if self.runtime == "torch-cuda" else "cpu")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DscompressError("--runtime torch-cuda cannot run here: no usable CUDA GPU is visible")
-        module = copy.deepcopy(module).to(device).eval()
-        images = torch.randn(self.batch_size, *input_size, device=device)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-        def run():
-            with torch.inference_mode():
-                module(images)
-            sync()
-
-        return _median_ms(run, self.warmup, self.iters)
 
 
 def _ort_version() -> str:
@@ -203,26 +152,14 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def _median_ms(run, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        run()
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(samples))
-
-
 @dataclass
 class LayerLatency(Record):
-    """One convertible layer's candidates: milliseconds per forward (all calls), by candidate label
-    (``dense``, ``rank-2``, ``prune-0.5``: output channels cut, rounded to 8)."""
+    """One convertible layer's candidates: milliseconds per run (all its calls) inside the model, by
+    :func:`candidate_key`."""
 
     name: str
     in_channels: int
     out_channels: int
-    input_hw: list[int]
     ms: dict[str, float]
 
 
@@ -240,19 +177,13 @@ class LatencyRecord(Record):
     rest_ms: float
     layers: list[LayerLatency] = field(default_factory=list)
 
-    def predict(self, chosen: dict[str, float] | None = None) -> float:
-        """The whole model's ms with ``chosen`` per-layer times (ms by layer name; others dense)."""
+    def predict(self, chosen: dict[str, str] | None = None) -> float:
+        """The whole model's ms with a candidate per layer (:func:`candidate_key` by layer name; others dense)."""
         chosen = chosen or {}
-        return self.rest_ms + sum(chosen.get(layer.name, layer.ms["dense"]) for layer in self.layers)
+        return self.rest_ms + sum(layer.ms[chosen.get(layer.name, "dense")] for layer in self.layers)
 
-    def predict_labels(self, labels: dict[str, str]) -> float:
-        """The whole model's ms with a candidate label per layer (``rank-1``; others dense)."""
-        return self.predict({layer.name: layer.ms[labels[layer.name]] for layer in self.layers if layer.name in labels})
-
-
-def sites(model: nn.Module, input_size) -> dict[str, Site]:
-    """The convertible convs of ``model``, as :class:`Site` objects, in forward order."""
-    return {name: Site.of(name, model.get_submodule(name), call) for name, call in convertible(model, input_size).items()}
+    def layer(self, name: str) -> LayerLatency:
+        return next(layer for layer in self.layers if layer.name == name)
 
 
 def latency_table(
@@ -266,32 +197,50 @@ def latency_table(
     timer: Timer | None = None,
     progress: Progress = QUIET,
 ) -> LatencyRecord:
-    """Time every convertible layer's candidates on ``runtime`` and the whole model.
+    """Every convertible layer's candidates, timed inside the model on ``runtime``.
 
     Args:
         model: a dense model (its KxK convs are the layers); not modified.
-        input_size: (C, H, W).
+        input_size: (C, H, W) the model runs at.
         timer: the :class:`Timer` to use (its runtime and batch win); default one with the cache.
+
+    The model is built and profiled once per (rank, prune ratio): with ranks (1, 2, 4) and two
+    prune ratios, 12 profiles.
     """
     timer = timer or Timer(runtime, batch_size)
     input_size = tuple(int(v) for v in input_size)
+    ranks, prune_ratios = list(ranks), [0.0] + list(prune_ratios)
     with eval_mode(model):
-        found = sites(model, input_size)
-        progress.start(f"latency table on {timer.runtime}", len(found) + 1)
-        total = timer.time_module(deploy_form(model), input_size)
-        progress.advance(1, "whole model")
-        layers = []
-        for site in found.values():
-            ms = {"dense": site.calls * timer.time(site, Choice(None, site.in_channels, site.out_channels))}
-            for rank in ranks:
-                ms[f"rank-{rank}"] = site.calls * timer.time(site, Choice(rank, site.in_channels, site.out_channels))
-            for ratio in prune_ratios:
-                kept = round_channels(site.out_channels, ratio, round_to)
-                ms[f"prune-{ratio:g}"] = site.calls * timer.time(site, Choice(None, site.in_channels, kept))
-            layers.append(LayerLatency(site.name, site.in_channels, site.out_channels, list(site.input_hw), {k: round(v, 5) for k, v in ms.items()}))
-            progress.advance(1, site.name)
+        calls = convertible(model, input_size)
+        units = find_units(model, input_size, calls)
+        pairs = any(unit.is_pair for unit in units)
+        times: dict[str, dict[str, float]] = {name: {} for unit in units for name in unit.layers}  # a pair's consumer may not be convertible
+        kinds = [(rank, ratio) for ratio in prune_ratios for rank in [None] + ranks if ratio == 0 or pairs]
+        progress.start(f"latency table on {timer.runtime}", len(kinds))
+        total = None
+        for rank, ratio in kinds:
+            options = [_uniform(unit, calls, rank, ratio) for unit in units]
+            kept = [pair_channels(model, unit, option.prune, round_to) if unit.is_pair else None for unit, option in zip(units, options)]
+            built, _ = build(model, layout_of(units, options, kept))
+            measured = timer.layer_times(built, input_size)
+            if rank is None and ratio == 0:
+                total = measured["total"]
+            for unit, option in zip(units, options):
+                if ratio and not unit.is_pair:
+                    continue
+                for layer, layer_rank in zip(unit.layers, option.ranks):
+                    if layer in times:
+                        times[layer][candidate_key(layer_rank, option.prune)] = measured["layers"][layer]
+            progress.advance(1, candidate_key(rank, ratio))
         progress.stop()
     timer.save()
+    layers = [LayerLatency(name, model.get_submodule(name).in_channels, model.get_submodule(name).out_channels,
+                           {k: round(v, 5) for k, v in times[name].items()}) for name in times]
     rest = total - sum(layer.ms["dense"] for layer in layers)
     return LatencyRecord(timer.runtime, timer.context["device"], timer.batch_size, timer.threads, list(input_size),
                          round(total, 5), round(rest, 5), layers)
+
+
+def _uniform(unit: Unit, calls: dict, rank: int | None, ratio: float) -> Option:
+    """The option giving every convertible layer of the unit ``rank`` and a pair ``ratio``."""
+    return Option(tuple(rank if layer in calls else None for layer in unit.layers), ratio if unit.is_pair else 0.0)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -44,26 +43,23 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 
 from dscompress._util import QUIET, Progress, eval_mode, write_json
 from dscompress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, refit_layer
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
-from dscompress.convert import ConvCall, set_submodule
+from dscompress.convert import convertible, set_submodule
 from dscompress.data import DataSpec
 from dscompress.errors import DscompressError
-from dscompress.latency import Choice, Site, Timer, default_cache, round_channels, sites
-from dscompress.layers import DepthwiseSeparableConv2d
+from dscompress.latency import Timer, candidate_key, default_cache, latency_table
 from dscompress.metrics import count_macs
 from dscompress.profile import Runtime
+from dscompress.units import apply_option, build, find_units, layout_of, option_channels, pair_channels, unit_options
 
 # The latency (or MAC) budget is split into this many steps for the solver.
 RESOLUTION = 2000
 # A measured speed-up this much below the target makes the plan be solved again.
 TOLERANCE = 0.10
-PLAN_FORMAT = "dscompress-plan"
-PLAN_VERSION = 1
 
 
 @dataclass
@@ -115,154 +111,12 @@ class PlanConfig(StepConfig):
             self.data = str(DataSpec.parse(self.data))
 
 
-# --- units and their options -----------------------------------------------------------------------
-
-
-@dataclass
-class Unit:
-    """Layers chosen together: a producer conv and the conv that alone consumes its outputs (whose
-    channels, and their BatchNorms', can be pruned), or one convertible conv."""
-
-    layers: list[str]
-    norms: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return "+".join(self.layers)
-
-    @property
-    def is_pair(self) -> bool:
-        return len(self.layers) == 2
-
-
-@dataclass(frozen=True)
-class Option:
-    """What a unit becomes: a rank (None: dense) per layer, and the share of a pair's channels pruned."""
-
-    ranks: tuple[int | None, ...]
-    prune: float = 0.0
-
-    def label(self, index: int) -> str:
-        """The choice for the unit's ``index``-th layer: ``dense``, ``rank-2``, ``prune-0.5``, ``rank-1+prune-0.25``."""
-        parts = [] if self.ranks[index] is None else [f"rank-{self.ranks[index]}"]
-        if self.prune and index == 0:
-            parts.append(f"prune-{self.prune:g}")
-        return "+".join(parts) or "dense"
-
-
-def find_units(model: nn.Module, input_size, convertible: dict[str, Site]) -> list[Unit]:
-    """The units of ``model``: pairs found with Torch-Pruning's dependency graph (a group whose
-    only layers are one convertible conv's outputs, its BatchNorms and one conv's inputs), and
-    every other convertible conv alone, in forward order."""
-    model = copy.deepcopy(model)  # the dependency graph follows autograd: every weight must require grad
-    for p in model.parameters():
-        p.requires_grad_(True)
-    names = {module: name for name, module in model.named_modules()}
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_size, device=next(model.parameters()).device))
-    units, paired = [], set()
-    for name, site in convertible.items():
-        if name in paired or site.calls != 1:
-            continue
-        group = graph.get_pruning_group(model.get_submodule(name), tp.prune_conv_out_channels, idxs=[0])
-        outs, ins, norms = set(), set(), []
-        for item in group:
-            module = item.dep.target.module
-            if module not in names:
-                continue  # an operation (ReLU, add), not a layer
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                norms.append(names[module])
-            elif item.dep.handler == tp.prune_conv_in_channels:
-                ins.add(names[module])
-            else:
-                outs.add(names[module])
-        consumer = next(iter(ins)) if len(ins) == 1 else None
-        if outs == {name} and consumer is not None and type(model.get_submodule(consumer)) is nn.Conv2d and model.get_submodule(consumer).groups == 1:
-            units.append(Unit([name, consumer], sorted(set(norms))))
-            paired.update((name, consumer))
-        else:
-            units.append(Unit([name]))
-    # a consumer that is also convertible on its own is in its pair; drop its single unit
-    return [u for u in units if u.is_pair or u.layers[0] not in {layer for p in units if p.is_pair for layer in p.layers}]
-
-
-def unit_options(unit: Unit, convertible: dict[str, Site], ranks: list[int], prune_ratios: list[float]) -> list[Option]:
-    choices = [[None] + list(ranks) if layer in convertible else [None] for layer in unit.layers]
-    ratios = [0.0] + list(prune_ratios) if unit.is_pair else [0.0]
-    return [Option(tuple(combo), ratio) for combo in itertools.product(*choices) for ratio in ratios]
-
-
-def _kept_channels(model: nn.Module, unit: Unit, ratio: float, round_to: int) -> list[int] | None:
-    """The pair's channels kept at ``ratio``: the largest by the group's L2 norm (the producer's
-    output filters and the consumer's input columns, each relative to its mean)."""
-    if not ratio:
-        return None
-    producer, consumer = (model.get_submodule(n) for n in unit.layers)
-    channels = producer.out_channels
-    keep = round_channels(channels, ratio, round_to)
-    out_norm = producer.weight.detach().flatten(1).pow(2).sum(1)
-    in_norm = consumer.weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
-    score = out_norm / out_norm.mean() + in_norm / in_norm.mean()
-    return sorted(score.argsort(descending=True)[:keep].tolist())
-
-
-def _sliced_conv(conv: nn.Conv2d, out_keep: list[int] | None = None, in_keep: list[int] | None = None) -> nn.Conv2d:
-    weight = conv.weight.detach()
-    if out_keep is not None:
-        weight = weight[out_keep]
-    if in_keep is not None:
-        weight = weight[:, in_keep]
-    new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias.detach()[out_keep] if out_keep is not None else conv.bias.detach())
-    return new.train(conv.training)
-
-
-def _sliced_norm(norm: nn.modules.batchnorm._BatchNorm, keep: list[int]) -> nn.Module:
-    new = type(norm)(len(keep), eps=norm.eps, momentum=norm.momentum, affine=norm.affine, track_running_stats=norm.track_running_stats,
-                     device=norm.weight.device if norm.weight is not None else None)
-    with torch.no_grad():
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            value = getattr(norm, attr)
-            if value is not None:
-                getattr(new, attr).copy_(value.detach()[keep])
-        if norm.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(norm.num_batches_tracked)
-    return new.train(norm.training)
-
-
-def apply_option(model: nn.Module, unit: Unit, option: Option, kept: list[int] | None) -> None:
-    """Give ``model`` (in place) the unit's option: prune the pair's channels to ``kept``, then
-    convert each layer with a rank, fitted from its (pruned) kernel."""
-    if kept is not None:
-        producer, consumer = unit.layers
-        set_submodule(model, producer, _sliced_conv(model.get_submodule(producer), out_keep=kept))
-        set_submodule(model, consumer, _sliced_conv(model.get_submodule(consumer), in_keep=kept))
-        for norm in unit.norms:
-            set_submodule(model, norm, _sliced_norm(model.get_submodule(norm), kept))
-    for layer, rank in zip(unit.layers, option.ranks):
-        if rank is not None:
-            set_submodule(model, layer, DepthwiseSeparableConv2d.from_conv(model.get_submodule(layer), rank))
-
-
 # --- costs ---------------------------------------------------------------------------------------
 
 
-def option_channels(unit: Unit, option: Option, convertible_or_all: dict[str, Site], round_to: int) -> list[tuple[int, int]]:
-    """(in, out) channels of each of the unit's layers under the option."""
-    first = convertible_or_all[unit.layers[0]]
-    if not unit.is_pair:
-        return [(first.in_channels, first.out_channels)]
-    second = convertible_or_all[unit.layers[1]]
-    middle = round_channels(first.out_channels, option.prune, round_to) if option.prune else first.out_channels
-    return [(first.in_channels, middle), (middle, second.out_channels)]
-
-
-def site_macs(site: Site, rank: int | None, in_channels: int, out_channels: int, out_pixels: int) -> int:
-    kh, kw = site.kernel_size
+def layer_macs(conv: nn.Conv2d, rank: int | None, in_channels: int, out_channels: int, out_pixels: int) -> int:
+    """MACs per image of a conv with these channels, dense or at ``rank``, over ``out_pixels``."""
+    kh, kw = conv.kernel_size
     if rank is None:
         return out_pixels * out_channels * in_channels * kh * kw
     return out_pixels * in_channels * rank * (kh * kw + out_channels)
@@ -430,42 +284,6 @@ class PlanRecord(Record):
     notes: list[str] = field(default_factory=list)
 
 
-def build(model: nn.Module, layout: dict) -> tuple[nn.Module, dict[str, list[int]]]:
-    """A copy of ``model`` with a saved plan (``plan.json``'s content) applied: pairs pruned to
-    their recorded channels, layers converted at their ranks. Returns it and the kept output
-    channels of the pruned layers (for calibration)."""
-    if layout.get("format") != PLAN_FORMAT or not isinstance(layout.get("units"), list):
-        raise DscompressError("not a dscompress plan: write one with `dscompress plan` (its plan.json)")
-    if layout.get("version", 0) > PLAN_VERSION:
-        raise DscompressError(f"this plan has version {layout['version']}, newer than this dscompress reads ({PLAN_VERSION}); upgrade dscompress")
-    model = copy.deepcopy(model).eval()
-    kept = {}
-    known = {name for name, _ in model.named_modules()}
-    for entry in layout["units"]:
-        unit = Unit(list(entry["layers"]), list(entry.get("norms", [])))
-        missing = [n for n in unit.layers + unit.norms if n not in known]
-        if missing:
-            raise DscompressError(f"the plan names {missing[0]!r}, which this model does not have; plan this model again")
-        option = Option(tuple(entry["ranks"]), float(entry.get("prune", 0.0)))
-        apply_option(model, unit, option, entry.get("kept"))
-        if entry.get("kept") is not None:
-            kept[unit.layers[0]] = list(entry["kept"])
-    return model, kept
-
-
-def layout_of(units: list[Unit], options: list[Option], kept: list[list[int] | None]) -> dict:
-    """What ``plan.json`` holds: enough to build the planned model again (:func:`build`)."""
-    return {
-        "format": PLAN_FORMAT,
-        "version": PLAN_VERSION,
-        "units": [
-            {"layers": unit.layers, "norms": unit.norms if channels is not None else [], "ranks": list(option.ranks),
-             "prune": option.prune, "kept": channels}
-            for unit, option, channels in zip(units, options, kept)
-        ],
-    }
-
-
 def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=None, timer: Timer | None = None,
          progress: Progress = QUIET) -> tuple[nn.Module, PlanRecord]:
     """Plan, build, calibrate and measure ``model`` for ``config``'s target.
@@ -491,45 +309,42 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     by_mac = config.macs_budget is not None
     timer = None if by_mac else (timer or Timer(config.runtime, config.latency_batch))
     cost_size = tuple(config.latency_input_size or input_size)  # where latency (or MACs) is counted
-    found = sites(model, cost_size)
-    if not found:
+    calls = convertible(model, input_size)
+    if not calls:
         raise DscompressError("nothing to plan: the model has no conv that conversion takes (see `dscompress convert` for why each is skipped)")
-    units = find_units(model, input_size, found)
-    all_sites = {**found, **{n: Site.of(n, model.get_submodule(n), _call_of(model, n, cost_size)) for u in units for n in u.layers if n not in found}}
-    options = [unit_options(u, found, config.ranks, config.prune_ratios) for u in units]
-    out_pixels = _out_pixels(model, cost_size, [n for u in units for n in u.layers])
+    units = find_units(model, input_size, calls)
+    options = [unit_options(u, calls, config.ranks, config.prune_ratios) for u in units]
     macs_before = count_macs(model, input_size)
-    cost_macs = count_macs(model, cost_size)
+    pixels = _out_pixels(model, cost_size, [n for u in units for n in u.layers])
 
-    # costs: predicted ms (or MACs) per option
-    progress.start("plan: latency of the candidates" if timer else "plan: MACs of the candidates", sum(map(len, options)))
+    # costs: predicted ms (or MACs) of every option's layers
+    table = None
+    if timer:
+        table = latency_table(model, cost_size, timer=timer, ranks=config.ranks, prune_ratios=config.prune_ratios,
+                              round_to=config.round_to, progress=progress)
     costs, per_layer = [], []
     for unit, unit_options_ in zip(units, options):
         unit_costs, unit_layers = [], []
-        for option in unit_options_:
-            channels = option_channels(unit, option, all_sites, config.round_to)
+        for choice in unit_options_:
             values = []
-            for layer, rank, (cin, cout) in zip(unit.layers, option.ranks, channels):
-                site = all_sites[layer]
-                if timer:
-                    values.append(site.calls * timer.time(site, Choice(rank, cin, cout)))
+            for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, option_channels(model, unit, choice, config.round_to))):
+                rank = choice.ranks[position]
+                if table:
+                    values.append(table.layer(layer).ms[candidate_key(rank, choice.prune)])
                 else:
-                    values.append(site_macs(site, rank, cin, cout, out_pixels[layer]))
+                    values.append(layer_macs(model.get_submodule(layer), rank, cin, cout, pixels[layer]))
             unit_costs.append(sum(values))
             unit_layers.append(values)
-            progress.advance(1, unit.name)
         costs.append(unit_costs)
         per_layer.append(unit_layers)
-    progress.stop()
-    if timer:
-        timer.save()
-        original_ms = timer.time_module(model, cost_size)
-        dense_sum = sum(c[0] for c in costs)  # option 0 is all dense, unpruned
-        rest = original_ms - dense_sum
+    dense_sum = sum(c[0] for c in costs)  # option 0 is all dense, unpruned
+    if table:
+        original_ms = table.total_ms
+        rest = table.total_ms - dense_sum
         target_ms = original_ms / config.speedup if config.speedup else config.latency_ms
     else:
         original_ms = None
-        dense_sum = sum(c[0] for c in costs)
+        cost_macs = count_macs(model, cost_size)
         rest = cost_macs - dense_sum
         target_ms = cost_macs * config.macs_budget
     fastest = rest + sum(min(c) for c in costs)
@@ -571,17 +386,17 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     damage_measured, agreement_measured = kl_damage(calibrated, _log_probs(model, held_out), held_out)
     measured = rounds[-1].measured_ms
     layers = []
-    for unit, option, index, values in zip(units, picked_options, chosen, per_layer):
-        channels = option_channels(unit, option, all_sites, config.round_to)
+    for unit, choice, index, values in zip(units, picked_options, chosen, per_layer):
+        channels = option_channels(model, unit, choice, config.round_to)
         for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, channels)):
-            layers.append(PlannedLayer(layer, option.label(position), cin, cout,
+            layers.append(PlannedLayer(layer, choice.label(position), cin, cout,
                                        round(values[index][position], 5) if timer else None,
-                                       site_macs(all_sites[layer], option.ranks[position], cin, cout, out_pixels[layer])))
+                                       layer_macs(model.get_submodule(layer), choice.ranks[position], cin, cout, pixels[layer])))
     record = PlanRecord(
         config=config.to_dict(),
         input_size=list(input_size),
         runtime=config.runtime if timer else "macs",
-        device=timer.context["device"] if timer else "-",
+        device=table.device if table else "-",
         target=(f"{config.speedup:g}x" if config.speedup else f"{config.latency_ms:g} ms") if timer else f"{config.macs_budget:g} of the MACs",
         original_ms=round(original_ms, 5) if timer else None,
         predicted_ms=round(rounds[-1].predicted_ms, 5) if timer else None,
@@ -643,17 +458,17 @@ def _damages(model, units, options, calibration, held_out, config, progress):
     for unit, unit_options_ in zip(units, options):
         saved = {n: work.get_submodule(n) for n in unit.layers + unit.norms}
         unit_damage, unit_agreement, unit_kept = [], [], []
-        for option in unit_options_:
-            kept = _kept_channels(model, unit, option.prune, config.round_to) if unit.is_pair else None
+        for choice in unit_options_:
+            kept = pair_channels(model, unit, choice.prune, config.round_to) if unit.is_pair else None
             unit_kept.append(kept)
-            key = f"{digest}|{unit.name}|{option.ranks}|{option.prune}"
+            key = f"{digest}|{unit.name}|{choice.ranks}|{choice.prune}"
             if key not in cache.entries:
-                if option.ranks == tuple(None for _ in unit.layers) and not option.prune:
+                if choice.ranks == tuple(None for _ in unit.layers) and not choice.prune:
                     cache.entries[key] = [0.0, 100.0]
                 else:
-                    apply_option(work, unit, option, kept)
+                    apply_option(work, unit, choice, kept)
                     for position, layer in enumerate(unit.layers):
-                        converted = option.ranks[position] is not None
+                        converted = choice.ranks[position] is not None
                         if converted or (position == 1 and kept is not None):  # a pruned producer keeps its kept rows
                             refit_layer(work, model, layer, calibration, out_channels=kept if position == 0 else None)
                     cache.entries[key] = list(kl_damage(work, reference, held_out))
@@ -701,19 +516,3 @@ def _out_pixels(model: nn.Module, input_size, names: list[str]) -> dict[str, int
         for handle in handles:
             handle.remove()
     return pixels
-
-
-def _call_of(model: nn.Module, name: str, input_size):
-    """What one forward shows about the named conv (for a consumer conv that is not convertible)."""
-    seen = {}
-
-    def record(module, args, output):
-        seen.setdefault("call", ConvCall(tuple(args[0].shape), tuple(output.shape)))
-
-    handle = model.get_submodule(name).register_forward_hook(record)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
-    finally:
-        handle.remove()
-    return seen["call"]

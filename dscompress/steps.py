@@ -41,9 +41,10 @@ from dscompress.export import ExportConfig, ExportRecord, export_onnx
 from dscompress.models import build_model
 from dscompress.ort import read_onnx
 from dscompress.profile import ProfileConfig, profile
-from dscompress.plan import Option, PlanConfig, plan
-from dscompress.plan import build as build_plan
+from dscompress.plan import PlanConfig, plan
 from dscompress.prune import PruneConfig, PruneRecord, prune
+from dscompress.units import Option
+from dscompress.units import build as build_plan
 from dscompress.train import TEACHER_NONE, TEACHER_ORIGINAL, FinetuneConfig, FinetuneRecord, finetune
 from dscompress.validate import ValidateConfig, ValidationRecord, validate_onnx
 

@@ -16,7 +16,7 @@ LAYERS = [
     ["decompose", "layers", "metrics", "selection"],
     ["models", "data", "ort"],
     ["convert", "calibrate", "prune_tp", "prune", "distill", "distributed", "checkpoint", "evaluate", "train",
-     "onnx_passes", "validate", "export", "bench", "profile", "latency", "plan"],
+     "onnx_passes", "validate", "export", "bench", "units", "profile", "latency", "plan"],
     ["artifact", "runstate"],
     ["steps"],
     ["render", "report"],

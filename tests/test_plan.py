@@ -14,9 +14,11 @@ from dscompress.artifact import Artifact
 from dscompress.calibrate import calibration_batches
 from dscompress.cli import cli
 from dscompress.errors import DscompressError
-from dscompress.latency import Timer, sites
+from dscompress.convert import convertible
+from dscompress.latency import Timer
 from dscompress.metrics import count_macs
-from dscompress.plan import PlanConfig, find_units, plan, solve
+from dscompress.plan import PlanConfig, plan, solve
+from dscompress.units import find_units
 
 SIZE = (3, 16, 16)
 SMALL = {"batches": 2, "batch_size": 16, "held_out": 32, "ranks": [1, 2], "prune_ratios": [0.5], "round_to": 4}
@@ -42,13 +44,12 @@ def test_solver_matches_brute_force(seed):
 
 
 def test_units_pair_a_conv_with_its_only_consumer(tiny):
-    found = sites(tiny, SIZE)
-    units = find_units(tiny, SIZE, found)
+    units = find_units(tiny, SIZE, convertible(tiny, SIZE))
     assert [(u.layers, u.norms) for u in units] == [(["conv1", "conv2"], ["bn1"])]
     import torchvision
 
     resnet = torchvision.models.resnet18(num_classes=10).eval()
-    pairs = [u.layers for u in find_units(resnet, (3, 32, 32), sites(resnet, (3, 32, 32)))]
+    pairs = [u.layers for u in find_units(resnet, (3, 32, 32), convertible(resnet, (3, 32, 32)))]
     assert pairs[0] == ["layer1.0.conv1", "layer1.0.conv2"] and len(pairs) == 8  # each block's inner channels
 
 
