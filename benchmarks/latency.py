@@ -7,7 +7,7 @@
 2. Predicted vs measured whole-model latency from a latency table (``dscompress.latency``):
    uniform ranks 1, 2, 4 and two mixed assignments (with pruned pairs), batch 1.
 
-    python benchmarks/latency.py [--threads 1] [--size 224] [--batches 1,32]
+    python benchmarks/latency.py [--runtime ort-cpu] [--threads 1] [--size 224] [--batches 1,32]
 """
 
 import argparse
@@ -25,8 +25,9 @@ from dscompress.profile import ProfileConfig, profile
 from dscompress.prune import PruneConfig, prune
 
 
-def profiles(models: dict, size, batches: list[int], iters: int) -> None:
-    records = {(name, b): profile(model, size, ProfileConfig(batch_size=b, iters=iters, warmup=3)) for name, model in models.items() for b in batches}
+def profiles(models: dict, size, batches: list[int], iters: int, runtime: str) -> None:
+    records = {(name, b): profile(model, size, ProfileConfig(runtime=runtime, batch_size=b, iters=iters, warmup=3))
+               for name, model in models.items() for b in batches}
     columns = list(records)
     print("| layer | " + " | ".join(f"{name} b{b}" for name, b in columns) + " |")
     print("|---|" + "---:|" * len(columns))
@@ -81,6 +82,7 @@ def predictions(model, size, timer: Timer) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", default="ort-cpu", help="ort-cpu, ort-cuda, ort-trt, torch-cpu or torch-cuda")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", default="1,32")
@@ -88,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = (3, args.size, args.size)
-    print(f"machine: {machine()}; {args.threads} thread(s); other load {other_load(1.0):.2f} CPUs; ONNX Runtime CPU\n")
+    print(f"machine: {machine()}; {args.threads} thread(s); other load {other_load(1.0):.2f} CPUs; {args.runtime}\n")
     base = build_model(ModelSpec("resnet18", input_size=size))
     rank1, _ = convert(base, size, ConvertConfig(rank=1))
     rank2, _ = convert(base, size, ConvertConfig(rank=2))
@@ -97,9 +99,9 @@ def main() -> None:
           f"rank 1 + pruned 30% {human(record.macs_after)}\n")
     print("## Per-layer time (ms)\n")
     profiles({"original": base, "rank 1": rank1, "rank 2": rank2, "rank 1 + pruned 30%": pruned}, size,
-             [int(b) for b in args.batches.split(",")], args.iters)
+             [int(b) for b in args.batches.split(",")], args.iters, args.runtime)
     print("\n## Predicted vs measured (batch 1)\n")
-    predictions(base, size, Timer("ort-cpu", 1, threads=args.threads, iters=args.iters))
+    predictions(base, size, Timer(args.runtime, 1, threads=args.threads, iters=args.iters))
     print(f"\nother load at the end {other_load(1.0):.2f} CPUs")
 
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -61,6 +61,9 @@ class BenchConfig(StepConfig):
     torch: bool = option(True, "Also time the PyTorch model eagerly (on the CPU, and on CUDA when it is among the providers).")
     block: int = option(5, "Timed runs of one runner before the next takes over.")
     exporter: Literal["auto", "dynamo", "torchscript"] = option("auto", "The exporter for models without an ONNX file.")
+    time_at: list[int] | None = option(
+        None, "Time every model at this C,H,W instead of its own input size (a model trained at 32x32, deployed at 224).", metavar="C,H,W"
+    )
 
     def check(self):
         if self.providers in ([], ["none"]) or [p.lower() for p in self.providers] == ["none"]:
@@ -75,6 +78,8 @@ class BenchConfig(StepConfig):
         check_range("iters", self.iters, low=1)
         check_range("block", self.block, low=1)
         check_range("threads", self.threads, low=1)
+        if self.time_at is not None and (len(self.time_at) != 3 or min(self.time_at) < 1):
+            raise ConfigError("time_at", f"must be C,H,W with positive values, got {self.time_at}")
         if not self.providers and not self.torch:
             raise ConfigError(None, "nothing to time: give --providers or keep PyTorch timing on (--torch)")
 
@@ -298,6 +303,17 @@ def _export_missing(targets: list[BenchTarget], folder: str, exporter: str) -> d
     return paths
 
 
+def _at_size(target: BenchTarget, size: tuple[int, int, int]) -> BenchTarget:
+    """The target to time at ``size``: a model is exported again at that size (its ONNX file, if
+    any, was made for its own); an ONNX file made for another size cannot be."""
+    if tuple(target.input_size) == size:
+        return target
+    if target.model is None:
+        raise DscompressError(f"{target.label} is an ONNX file for {','.join(map(str, target.input_size))} inputs; "
+                              f"it cannot be timed at --time-at {','.join(map(str, size))}")
+    return replace(target, input_size=size, onnx_path=None)
+
+
 def bench(targets: list[BenchTarget], config: BenchConfig | None = None, progress: Progress = QUIET) -> list[BenchRecord]:
     """Time every target on every runtime, interleaved, at each batch size.
 
@@ -307,6 +323,8 @@ def bench(targets: list[BenchTarget], config: BenchConfig | None = None, progres
     config = config or BenchConfig()
     if not targets:
         raise DscompressError("give at least one model, artifact folder or ONNX file to bench")
+    if config.time_at is not None:
+        targets = [_at_size(target, tuple(config.time_at)) for target in targets]
     for target in targets:
         if target.model is None and not config.providers:
             raise DscompressError(f"{target.label} is an ONNX file: it needs an ONNX Runtime provider; drop --providers none")

@@ -84,6 +84,8 @@ def run(recipe: Recipe, out_dir: str, log=print, device: str | None = None, prog
         entry = state["steps"].get(step.name)
         prefix = f"[{index}/{len(recipe.steps)}] {step.name}"
         makes_model = STEPS[step.kind].makes_model
+        if step.start:
+            current = os.path.join(out_dir, step.start)
         if finished(entry, key, output):
             log(f"{prefix}: done before with the same config, skipped")
             result = StepResult(step.name, step.kind, key, output, "skipped", entry.get("seconds", 0.0), entry.get("summary", {}))

@@ -13,7 +13,8 @@ name to its options. The options are the step's config fields, spelt as on the c
       - finetune: {epochs: 5}
       - export: {}
 
-``name`` names a step's output folder. Every problem (an unknown key, a wrong type, a value out
+``name`` names a step's output folder; ``from`` makes a step start from an earlier step's model
+instead of the latest one (to compare branches from one baseline). Every problem (an unknown key, a wrong type, a value out
 of range) is reported with its path in the file and its line, e.g.
 ``recipe.yaml:7: steps[1].convert.rnak: unknown option (known: ...)``.
 """
@@ -35,21 +36,23 @@ from dscompress.steps import STEPS
 DEFAULTS = ("data", "device")
 TOP_KEYS = {"name", "description", "model", "data", "steps"}
 # Steps that cannot run without images (their config's data has no default).
-NEEDS_DATA = ("calibrate", "evaluate")
+NEEDS_DATA = ("calibrate", "evaluate", "plan")
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelSpec)]
 
 
 @dataclass
 class Step:
-    """One step of a recipe: its kind, options (config field names) and output folder name."""
+    """One step of a recipe: its kind, options (config field names), output folder name, and the
+    earlier step whose model it starts from (None: the latest model)."""
 
     kind: str
     options: dict
     name: str
     line: int = 0
+    start: str | None = None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "options": self.options}
+        return {"kind": self.kind, "name": self.name, "options": self.options, **({"from": self.start} if self.start else {})}
 
 
 @dataclass
@@ -152,12 +155,16 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
         def option_problem(key, message, at=at, kind=kind):
             problem(at + (kind, key), message)
 
-        clean = _check_options(kind, {k: v for k, v in options.items() if k != "name"}, option_problem)
+        start = options.get("from")
+        models_before = [step.name for step in steps if STEPS[step.kind].makes_model]
+        if start is not None and start not in models_before:
+            problem(at + (kind, "from"), f"names no earlier step that makes a model (earlier: {', '.join(models_before) or 'none'})")
+        clean = _check_options(kind, {k: v for k, v in options.items() if k not in ("name", "from")}, option_problem)
         if kind == "validate" and not any(s.kind == "export" for s in steps):
             problem(at + (kind,), "validate needs an export step before it")
         if kind in NEEDS_DATA and not (clean.get("data") or data.get("data")):
             problem(at + (kind,), "needs data: give 'data' here or at the top of the recipe")
-        steps.append(Step(kind, clean, step_name, lines.get(at, 0)))
+        steps.append(Step(kind, clean, step_name, lines.get(at, 0), start))
     recipe = Recipe(path, model, steps, data.get("data"), data.get("name", ""), data.get("description", ""))
     if not problems:
         for i, step in enumerate(steps):

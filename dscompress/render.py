@@ -326,6 +326,11 @@ def _plan(record: PlanRecord) -> list:
                  f"({record.agreement_measured:.1f}% same top class as the original) once calibrated")
     if record.top1_before is not None:
         lines.append(f"top-1 on the test split: {record.top1_before:.2f}% original -> {record.top1_after:.2f}% planned and calibrated, no training")
+    checked = [c for c in record.candidates if c.damage is not None]
+    if len(checked) > 1:
+        lines.append("checked as whole models, calibrated: " + "; ".join(
+            f"{c.label} {f'{c.measured:.3f} ms' if timed else human(c.measured) + ' MACs'}, damage {c.damage:.4f}{' (kept)' if c.chosen else ''}"
+            for c in checked))
     if len(record.rounds) > 1:
         lines.append("rounds: " + "; ".join(f"budget {r.budget_ms:.3f}: predicted {r.predicted_ms:.3f}, measured {r.measured_ms:.3f}" for r in record.rounds))
     lines += [f"note: {note}" for note in record.notes]

@@ -88,6 +88,7 @@ class StepOutput:
         is_original: the new model is its own original (a plain model trained from scratch: what
             is converted from it later distills from it).
         documents: JSON documents to keep in the artifact, by file name (a plan's ``plan.json``).
+        before: step entries the handler ran itself before its own (a fine-tune's calibration).
     """
 
     record: Record
@@ -100,6 +101,7 @@ class StepOutput:
     failure: str | None = None
     is_original: bool = False
     documents: dict[str, dict] = field(default_factory=dict)
+    before: list[dict] = field(default_factory=list)
 
 
 Handler = Callable[[Source, StepConfig, StepContext], StepOutput]
@@ -172,7 +174,7 @@ def run_step(source: Source | None, config: StepConfig, context: StepContext | N
     output = spec.handler(source, config, context)
     if not spec.makes_model:
         return output
-    entries = [step_entry(config, output.record)]
+    entries = output.before + [step_entry(config, output.record)]
     metrics = dict(output.metrics)
     current = source.then(output.model, entries[0])
     for follower in then:
@@ -356,6 +358,17 @@ def finetune_step(source: Source, config: FinetuneConfig, context: StepContext) 
     train_data = load_dataset(config.data, source.spec.input_size, split="train")
     test_data = load_dataset(config.data, source.spec.input_size, split="test")
     check_task(train_data, source.spec.task, config.data, source.label)
+    before = []
+    if config.calibrate_first and not plain and uncalibrated(source.steps):
+        calibration = CalibrateConfig(data=config.data, device=config.device)
+        model, calibrated = calibrate(model, source.teacher(), calibration_images(source, calibration), calibration,
+                                      kept=kept_channels(source.steps), progress=context.progress)
+        before = [step_entry(calibration, calibrated)]
+        warnings.warn(
+            f"{source.label} was converted or pruned and not calibrated: calibrated it on {config.data} first (output error "
+            f"{calibrated.output_error_before} -> {calibrated.output_error_after}); --no-calibrate-first trains it as it is",
+            DscompressWarning, stacklevel=2,
+        )
     started = init_distributed(config.device)
     try:
         world = World.current()
@@ -371,7 +384,18 @@ def finetune_step(source: Source, config: FinetuneConfig, context: StepContext) 
             destroy()
     scores = {"miou": record.miou, "pixel_acc": record.pixel_acc} if record.task == "segmentation" else {"top1": record.top1, "top5": record.top5}
     metrics = {**scores, "eval_data": config.data, "eval_images": record.test_images}
-    return StepOutput(record, model.cpu(), metrics=metrics, save=world.writer, cleanup=partial, is_original=plain)
+    return StepOutput(record, model.cpu(), metrics=metrics, save=world.writer, cleanup=partial, is_original=plain, before=before)
+
+
+def uncalibrated(steps: list[dict]) -> bool:
+    """Whether the last step that changed the model's layers (convert, prune) was not followed by a
+    calibration or a fine-tune (a plan calibrates itself)."""
+    for step in reversed(steps):
+        if step["step"] in ("calibrate", "finetune", "plan"):
+            return False
+        if step["step"] in ("convert", "prune"):
+            return True
+    return False
 
 
 # --- steps that measure --------------------------------------------------------------------------
@@ -447,6 +471,7 @@ def _store_latency(targets: list[BenchTarget], records: list[BenchRecord], confi
         target.artifact.update_metrics(
             latency={
                 "machine": machine(),
+                "input_size": list(config.time_at or target.input_size),
                 "threads": threads,
                 "warmup": config.warmup,
                 "iters": config.iters,

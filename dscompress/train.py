@@ -122,6 +122,11 @@ class FinetuneConfig(StepConfig):
     amp: Literal["auto", "bf16", "fp16", "off"] = option(
         "auto", "Mixed precision on CUDA: auto is bf16 where supported, else fp16 with a GradScaler; on CPU, off."
     )
+    calibrate_first: bool = option(
+        True,
+        "Calibrate a converted or pruned model that was not calibrated before training it (seconds; on Fashion-MNIST, "
+        "distilling a rank-1 resnet18 uncalibrated ended 3 points lower).",
+    )
     seed: int = option(0, "Fixes the initial weights of a plain model, the data order (epoch e is shuffled with seed + e) and dropout.")
     device: str = option("auto", "auto, cpu or cuda.")
     workers: int = option(0, "DataLoader worker processes.")

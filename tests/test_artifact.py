@@ -22,7 +22,7 @@ def test_manifest_contents(converted):
     source, artifact = converted
     manifest = json.load(open(os.path.join(artifact.path, MANIFEST)))
     assert manifest["format"] == "dscompress-artifact" and manifest["format_version"] == 2
-    assert manifest["model"] == {"name": "resnet18", "num_classes": 10, "input_size": [3, 32, 32], "weights": None, "checkpoint": None, "kwargs": {}}
+    assert manifest["model"] == {"name": "resnet18", "num_classes": 10, "input_size": [3, 32, 32], "weights": None, "checkpoint": None, "kwargs": {}, "task": "classification", "aux": False}
     assert manifest["preprocess"]["input_size"] == [3, 32, 32] and manifest["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert [(s["step"], s["version"]) for s in manifest["steps"]] == [("convert", 1)]
     assert manifest["steps"][0]["config"]["rank"] == 2

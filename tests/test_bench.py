@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 from conftest import GPU, ORT_LISTS_CUDA, make_tiny
 from dscompress.bench import BenchConfig, BenchTarget, bench, headline, load_targets
@@ -132,6 +131,7 @@ def test_headline_prefers_onnx_runtime_at_the_smallest_batch():
         ({"providers": "none", "torch": False}, "nothing to time"),
         ({"providers": "npu"}, "unknown provider"),
         ({"exporter": "tf"}, "exporter"),
+        ({"time_at": [3, 224]}, "--time-at must be C,H,W"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -147,3 +147,15 @@ def test_model_without_onnx_file_is_exported_for_ort():
 def test_pytorch_only():
     records = bench([BenchTarget("m", SIZE, make_tiny())], BenchConfig(providers="none", **FAST))
     assert {r.runtime for r in records} == {"torch-cpu"}
+
+
+def test_time_at_times_models_at_another_size_and_refuses_fixed_onnx_files(two_models):
+    model, onnx_file = two_models[0], BenchTarget("file", SIZE, onnx_path=two_models[0].onnx_path)
+    config = {"providers": "cpu", "threads": 1, **FAST, "batch_sizes": [1]}
+    small = {r.runtime: r.p50_ms for r in bench([model], BenchConfig(**config))}
+    large = {r.runtime: r.p50_ms for r in bench([model], BenchConfig(time_at=[3, 128, 128], **config))}
+    assert model.input_size == SIZE and model.onnx_path  # the caller's target is left as it was
+    for runtime in ("torch-cpu", "ort-cpu"):  # 16x the pixels: far slower on both, the ONNX file made again
+        assert large[runtime] > 3 * small[runtime], (small, large)
+    with pytest.raises(DscompressError, match="file is an ONNX file for 3,32,32 inputs; it cannot be timed at --time-at 3,128,128"):
+        bench([onnx_file], BenchConfig(time_at=[3, 128, 128], **config))

@@ -30,10 +30,10 @@ def test_custom_model_through_the_cli(tmp_path, monkeypatch):
 def test_api_script_runs(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(EXAMPLES), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, "pipeline.py"), "--out", str(tmp_path), "--epochs", "1", "--size", "8"],
+        [sys.executable, os.path.join(EXAMPLES, "pipeline.py"), "--out", str(tmp_path), "--epochs", "1", "--size", "8", "--macs-budget", "0.5"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "validation pass" in result.stdout
-    assert "| pruned-distilled |" in result.stdout
+    assert "| planned-distilled |" in result.stdout and "| planned |" in result.stdout
     assert (tmp_path / "report.png").exists()

@@ -19,6 +19,13 @@ TINY = [
     "model.input_size=[3,8,8]",
     "finetune.epochs=1",
     "calibrate.batches=2",
+    # the plan at a MAC budget (the latency plans are tested on a small model in test_plan.py)
+    "plan.speedup=null",
+    "plan.latency_input_size=null",
+    "plan.macs_budget=0.5",
+    "plan.batches=2",
+    "plan.held_out=32",
+    "bench.time_at=[3,16,16]",
     "validate.data_limit=64",
     "bench.batch_sizes=[1]",
     "bench.warmup=1",
@@ -44,21 +51,31 @@ def quickstart_run(tmp_path_factory):
     return out, result
 
 
+def step_kinds(folder) -> list[str]:
+    return [s["step"] for s in json.load(open(folder / "manifest.json"))["steps"]]
+
+
 def test_quickstart_runs_every_step(quickstart_run):
     out, result = quickstart_run
     assert result.exit_code == 0, result.output
     state = json.load(open(out / "run.json"))
-    assert list(state["steps"]) == ["baseline", "converted", "calibrated", "distilled", "pruned", "pruned-distilled", "onnx", "validated", "bench", "final-eval"]
+    assert list(state["steps"]) == ["baseline", "converted", "calibrated", "planned", "planned-distilled", "onnx", "validated", "bench", "final-eval"]
     assert all(entry["status"] == "done" for entry in state["steps"].values())
     assert state["steps"]["validated"]["summary"]["validation"] == "pass"
     assert (out / "onnx" / "model.onnx").exists()
-    assert "10 steps run, 0 skipped" in result.output
+    assert "9 steps run, 0 skipped" in result.output
+    # the plan starts from the baseline (from: baseline), not from the calibrated conversion before it,
+    # and is distilled as it is (a plan is calibrated already)
+    assert step_kinds(out / "planned") == ["finetune", "plan"]
+    assert step_kinds(out / "planned-distilled") == ["finetune", "plan", "finetune"]
+    assert (out / "planned" / "plan.json").exists()
+    assert json.load(open(out / "planned-distilled" / "manifest.json"))["metrics"]["latency"]["input_size"] == [3, 16, 16]
 
 
 def test_quickstart_report_and_plot(quickstart_run):
     out, _ = quickstart_run
     report = (out / "report.md").read_text()
-    for name in ("baseline", "converted", "calibrated", "distilled", "pruned", "pruned-distilled"):
+    for name in ("baseline", "converted", "calibrated", "planned", "planned-distilled"):
         assert f"| {name} |" in report
     png = (out / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -75,7 +92,7 @@ def test_rerun_skips_everything(quickstart_run):
     out, _ = quickstart_run
     args = ["run", QUICKSTART, "-o", str(out), "--no-plot"] + [a for s in TINY for a in ("--set", s)]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0 and "0 steps run, 10 skipped" in result.output
+    assert result.exit_code == 0 and "0 steps run, 9 skipped" in result.output
 
 
 def test_interrupted_run_continues_and_changed_config_reruns_the_rest(tmp_path):

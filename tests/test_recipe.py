@@ -31,6 +31,14 @@ def test_parse_normalises_names_and_defaults():
     assert (config.data, config.teacher, config.epochs) == ("digits", "none", 1)
 
 
+def test_a_step_can_start_from_an_earlier_model():
+    text = GOOD.replace("  - export: {}", "  - prune: {name: pruned, from: baseline, ratio: 0.5}\n  - export: {}")
+    parsed = recipe.parse(text, "good.yaml")
+    assert [s.start for s in parsed.steps] == [None, None, "baseline", None]
+    assert parsed.steps[2].options == {"ratio": 0.5}
+    assert parsed.steps[2].to_dict()["from"] == "baseline"
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -44,8 +52,10 @@ def test_parse_normalises_names_and_defaults():
         ("steps: [", "good.yaml:1: not valid YAML"),
         ("model: {name: resnet18}\n", "good.yaml:1: steps: missing"),
         (GOOD.replace("name: baseline,", "name: x,").replace("{macs-budget: 0.25}", "{name: x}"), "step name 'x' is used twice"),
+        (GOOD.replace("{macs-budget: 0.25}", "{from: base, rank: 1}"), "good.yaml:6: steps[1].convert.from: names no earlier step that makes a model (earlier: baseline)"),
+        (GOOD.replace("  - export: {}", "  - export: {name: onnx}\n  - prune: {from: onnx}"), "steps[3].prune.from: names no earlier step that makes a model (earlier: baseline, 02-convert)"),
     ],
-    ids=["unknown-option", "wrong-type", "missing-name", "unknown-step", "unknown-top-key", "bad-value", "validate-first", "bad-yaml", "no-steps", "duplicate-name"],
+    ids=["unknown-option", "wrong-type", "missing-name", "unknown-step", "unknown-top-key", "bad-value", "validate-first", "bad-yaml", "no-steps", "duplicate-name", "from-unknown", "from-not-a-model"],
 )
 def test_bad_recipes_name_the_place(text, message):
     with pytest.raises(DscompressError) as info:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,7 +154,7 @@ def test_a_baseline_is_repeated_by_its_seed(tmp_path):
 
 def test_distillation_recovers_a_converted_model(baseline, converted, workdir):
     out = str(workdir / "distilled")
-    record = run_ok(converted, "--data", "digits", "--epochs", "2", "--lr", "0.02", "-o", out)
+    record = run_ok(converted, "--data", "digits", "--epochs", "2", "--lr", "0.02", "--no-calibrate-first", "-o", out)
 
     assert record["teacher"].endswith("(original)")
     assert record["teacher_top1"] == Artifact.open(baseline).metrics["top1"]
@@ -168,6 +169,23 @@ def test_distillation_recovers_a_converted_model(baseline, converted, workdir):
     base, original = load(baseline).state_dict(), artifact.original_model().state_dict()
     assert all(torch.equal(base[k], original[k]) for k in base)
     assert not os.path.exists(work_folder(out))
+
+
+def test_an_uncalibrated_conversion_is_calibrated_before_training(converted, workdir):
+    out = str(workdir / "calibrated-first")
+    result = run(converted, "--data", "digits", "--epochs", "1", "--lr", "0.02", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"warning: .* not calibrated: calibrated it on digits first .* --no-calibrate-first", result.stderr)
+    record = json.loads(result.stdout)
+    steps = Artifact.open(out).steps
+    assert [s["step"] for s in steps] == ["finetune", "convert", "calibrate", "finetune"]
+    assert steps[2]["record"]["output_error_after"] < steps[2]["record"]["output_error_before"]
+    as_converted = evaluate(load(converted), "digits", (3, 16, 16), device="cpu").top1
+    assert record["start_top1"] > as_converted + 10, record  # training starts from the calibrated model
+    # a calibrated model is trained as it is
+    again = str(workdir / "calibrated-again")
+    run_ok(out, "--data", "digits", "--epochs", "1", "-o", again)
+    assert [s["step"] for s in Artifact.open(again).steps] == ["finetune", "convert", "calibrate", "finetune", "finetune"]
 
 
 # --- resuming --------------------------------------------------------------------------------------
@@ -309,7 +327,7 @@ def test_torchrun_two_processes_on_cpu(baseline, converted, workdir):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "dscompress", "finetune", converted, "--teacher", baseline, "--data", "digits", "--epochs", "1", "--lr", "0.02",
-        "--device", "cpu", "--json", "-o", out,
+        "--device", "cpu", "--no-calibrate-first", "--json", "-o", out,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
