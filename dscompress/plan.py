@@ -462,7 +462,7 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
 
     chosen, final, rounds = search(costs, damages, target_ms, rest, measure, 1 if by_mac else config.rounds)
 
-    # The units' damages do not add up exactly (measured: a whole plan's is 1.3-2.3x their sum, and
+    # The units' damages do not add up exactly (measured: a whole plan's is 1.1-2.3x their sum, and
     # not in the same order), so the plan is checked against what a user would pick without a
     # planner: each uniform rank and each uniform prune ratio that also meets the target, measured.
     # Each is calibrated as a whole and the least damaging on the held-out images is kept.
