@@ -36,18 +36,26 @@ def test_table_has_every_candidate_and_the_cache_is_hit(resnet, tmp_path):
     assert other.key(resnet, SIZE) != Timer("ort-cpu", cache=cache).key(resnet, SIZE)  # the batch is in the key
 
 
-def test_prediction_agrees_with_a_real_measurement(resnet, tmp_path):
-    """Timed on a shared machine: the benchmark (BENCHMARKS.md) holds the 15% target; here a wider
-    band, at 128x128 (at 64x64 rank-1 resnet18 runs in 0.4 ms, and the profiler's own cost per
-    kernel, counted in the layer times, made the prediction 40% slow)."""
+def test_prediction_agrees_with_a_real_measurement(resnet):
+    """The predicted speed-up (the table's whole-model time over its prediction for rank 1) against
+    the speed-up measured side by side, as ``plan`` uses it. The benchmark (BENCHMARKS.md) holds the
+    15% target on a quiet machine; here a wider band, at 128x128 (at 64x64 rank-1 resnet18 runs in
+    0.4 ms and the profiler's own cost per kernel made the prediction slow), on one thread, and up
+    to three tries: beside another job this machine's times jump 2x within seconds (seen in CI), so
+    one noisy try is measured again, while a wrong prediction fails all three."""
     size = (3, 128, 128)
-    timer = Timer("ort-cpu", cache=str(tmp_path / "latency.json"), iters=30)
-    table = latency_table(resnet, size, timer=timer, ranks=(1,), prune_ratios=())
     converted, _ = convert(resnet, size, ConvertConfig(rank=1))
-    predicted = table.predict({layer.name: candidate_key(1) for layer in table.layers})
-    measured = timer.time_module(converted, size)
-    assert 0.7 < predicted / measured < 1.4, (predicted, measured)
-    assert predicted < table.total_ms
+    tries = []
+    for _ in range(3):
+        timer = Timer("ort-cpu", threads=1, cache=False, iters=30)
+        table = latency_table(resnet, size, timer=timer, ranks=(1,), prune_ratios=())
+        predicted = table.predict({layer.name: candidate_key(1) for layer in table.layers})
+        assert predicted < table.total_ms
+        measured = timer.time_module(resnet, size) / timer.time_module(converted, size)
+        tries.append((round(table.total_ms / predicted, 3), round(measured, 3)))
+        if 0.7 < tries[-1][0] / tries[-1][1] < 1.4:
+            return
+    pytest.fail(f"predicted vs measured speed-up, each try: {tries}")
 
 
 def test_channels_round_down_to_multiples():
