@@ -353,3 +353,20 @@ def test_disk_full_during_export_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DscompressError, match="No space left on device; free some space"):
         export_onnx(make_tiny(), SIZE, str(tmp_path / "m.onnx"), ExportConfig(exporter="torchscript"))
     assert os.listdir(tmp_path) == []
+
+
+def test_validate_says_when_the_onnx_came_from_another_artifact(resnet_export, tmp_path):
+    """The export stamps the artifact's weights sha256 in the graph; validating against an artifact
+    with other weights (the same architecture, built again) says so beside the failure."""
+    from dscompress.artifact import Source
+    from dscompress.models import build_model
+
+    spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
+    other, _ = convert_artifact(Source(build_model(spec), spec), str(tmp_path / "other"), ConvertConfig(rank=1))
+    args = ["validate", resnet_export["onnx"], "--providers", "cpu", "--json", "--against"]
+    result = CliRunner().invoke(cli, args + [other.path])
+    assert result.exit_code == 1
+    notes = json.loads(result.stdout)["notes"]
+    assert any("the ONNX file was exported from other weights than" in note and "other" in note for note in notes), notes
+    same = json.loads(CliRunner().invoke(cli, args + [resnet_export["artifact"]]).stdout)
+    assert not [note for note in same["notes"] if "other weights" in note]
