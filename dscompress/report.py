@@ -282,6 +282,13 @@ def plot(rows: list[dict], path: str) -> str:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(labels) - 1) // 3), 1, 1))
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: str) -> str:
+    """Write ``fig`` to ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
@@ -307,12 +314,7 @@ def plot_profile(record: ProfileRecord, path: str) -> str:
                  f"bound {record.bound_speedup:.2f}x", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 # Record type -> the function that draws it, for the commands whose config has a ``plot`` option.

@@ -16,6 +16,16 @@ SIZE = (3, 32, 32)
 FAST = {"warmup": 3, "iters": 15}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Profile on one thread: two threads beside another job crawl (a whole torch-cpu run went from
+    0.3 ms to 60 ms here), which no tolerance on the layer sum survives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models():
     tiny = make_tiny()

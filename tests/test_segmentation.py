@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from PIL import Image
 from torch.utils.data import Subset
 
-from dscompress.artifact import load
 from dscompress.calibrate import CalibrateConfig, calibrate
 from dscompress.cli import cli
 from dscompress.convert import ConvertConfig, convert
