@@ -260,11 +260,19 @@ def _percentiles(record: BenchRecord, samples: list[float]) -> None:
     record.images_per_s = float(record.batch_size * len(ms) / (ms.sum() / 1e3))
 
 
+# The pause before each turn. ONNX Runtime's thread pools spin for a while after a run: with five
+# sessions of two threads on two cores, rank-1 resnet18 at batch 1 measured 6.7 ms in every turn
+# that followed another session and 2.8 ms alone, one untimed run per turn notwithstanding; 5 ms
+# of pause left it at 4.2-5.5 ms, 20 ms at 2.7 ms (the spinning threads have yielded by then).
+SETTLE_S = 0.02
+
+
 def _time_interleaved(runners: list[_Runner], warmup: int, iters: int, block: int, progress: Progress = QUIET) -> None:
     """Warm every runner up, then time them in rounds of ``block`` runs each, order reversed every other round.
 
-    Each turn starts with one untimed run: the runtime that ran before may leave threads
-    spinning or caches cold for a moment, and that belongs to the switch, not to the model.
+    Each turn starts with a pause of ``SETTLE_S`` and one untimed run: the runtime that ran
+    before may leave threads spinning or caches cold for a moment, and that belongs to the switch,
+    not to the model.
     """
     rounds = -(-iters // block)
     progress.start(f"bench batch {runners[0].batch_size}" if runners else "bench", warmup + rounds)
@@ -275,6 +283,7 @@ def _time_interleaved(runners: list[_Runner], warmup: int, iters: int, block: in
             progress.advance(1, "warm-up")
         for i in range(rounds):
             for runner in runners if i % 2 == 0 else reversed(runners):
+                time.sleep(SETTLE_S)
                 runner.run()
                 for _ in range(min(block, iters - len(runner.samples))):
                     start = time.perf_counter()

@@ -159,3 +159,19 @@ def test_time_at_times_models_at_another_size_and_refuses_fixed_onnx_files(two_m
         assert large[runtime] > 3 * small[runtime], (small, large)
     with pytest.raises(DscompressError, match="file is an ONNX file for 3,32,32 inputs; it cannot be timed at --time-at 3,128,128"):
         bench([onnx_file], BenchConfig(time_at=[3, 128, 128], **config))
+
+
+def test_every_turn_settles_then_runs_once_untimed(monkeypatch):
+    """Other sessions' spinning thread pools must not be charged to the next model: each turn is a
+    pause, one untimed run, then its timed block (see ``SETTLE_S``)."""
+    import dscompress.bench as bench_module
+
+    events = []
+    monkeypatch.setattr(bench_module.time, "sleep", lambda s: events.append(("pause", s)))
+    runners = [bench_module._Runner(None, "ort-cpu", 1, run=lambda name=name: events.append(("run", name))) for name in "ab"]
+    bench_module._time_interleaved(runners, warmup=1, iters=4, block=2)
+    assert [len(r.samples) for r in runners] == [4, 4]
+    timed = events[2:]  # after one warm-up run each
+    turns = [timed[i:i + 4] for i in range(0, len(timed), 4)]
+    assert [turn[1][1] for turn in turns] == ["a", "b", "b", "a"]  # order reversed every other round
+    assert all(turn[0] == ("pause", bench_module.SETTLE_S) and turn[1:] == [("run", turn[1][1])] * 3 for turn in turns), turns
