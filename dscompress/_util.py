@@ -221,6 +221,17 @@ class Progress:
 QUIET = Progress()
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch CPU threads, then give back what was set before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def cpu_count() -> int:
     """CPUs this process may run on."""
     try:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dscompress._util import QUIET, Progress, free_cpus
+from dscompress._util import QUIET, Progress, free_cpus, torch_threads
 from dscompress.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.errors import DscompressError
 from dscompress.export import ExportConfig, export_onnx
@@ -337,33 +337,28 @@ def bench(targets: list[BenchTarget], config: BenchConfig | None = None, progres
     for target in targets:
         if target.model is None and not config.providers:
             raise DscompressError(f"{target.label} is an ONNX file: it needs an ONNX Runtime provider; drop --providers none")
-    saved_threads = torch.get_num_threads()
-    threads = config.threads or saved_threads
+    threads = config.threads or torch.get_num_threads()
     providers, automatic = resolve_providers(config.providers)
     cuda_torch = config.torch and torch.cuda.is_available() and "cuda" in providers
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="dscompress-bench-") as tmp:
-            paths = _export_missing(targets, tmp, config.exporter) if providers else {}
-            sessions, unusable = {}, []
-            for provider in providers:
-                for target in targets:
-                    if target.label not in paths:
-                        continue
-                    session, reason = open_session(paths[target.label], provider, threads=threads)
-                    if session is None:
-                        unusable.append((target, f"ort-{provider}", "skipped" if automatic else "unavailable", reason))
-                    else:
-                        sessions[target.label, provider] = session
-            models = {t.label: t.model.eval() for t in targets if t.model is not None and config.torch}
-            cuda_models = {label: copy.deepcopy(m).cuda().eval() for label, m in models.items()} if cuda_torch else {}
-            if cuda_models:
-                torch.backends.cudnn.benchmark = True
-            records = []
-            for batch_size in config.batch_sizes:
-                records += _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads, progress)
-    finally:
-        torch.set_num_threads(saved_threads)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="dscompress-bench-") as tmp:
+        paths = _export_missing(targets, tmp, config.exporter) if providers else {}
+        sessions, unusable = {}, []
+        for provider in providers:
+            for target in targets:
+                if target.label not in paths:
+                    continue
+                session, reason = open_session(paths[target.label], provider, threads=threads)
+                if session is None:
+                    unusable.append((target, f"ort-{provider}", "skipped" if automatic else "unavailable", reason))
+                else:
+                    sessions[target.label, provider] = session
+        models = {t.label: t.model.eval() for t in targets if t.model is not None and config.torch}
+        cuda_models = {label: copy.deepcopy(m).cuda().eval() for label, m in models.items()} if cuda_torch else {}
+        if cuda_models:
+            torch.backends.cudnn.benchmark = True
+        records = []
+        for batch_size in config.batch_sizes:
+            records += _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unusable, threads, progress)
     return records
 
 

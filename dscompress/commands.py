@@ -18,10 +18,9 @@ import typing
 import warnings
 
 import click
-import torch
 
 from dscompress import report as reporting
-from dscompress._util import choose_threads
+from dscompress._util import choose_threads, torch_threads
 from dscompress.artifact import resolve
 from dscompress.config import StepConfig, describe, flag_name
 from dscompress.errors import DscompressError, DscompressWarning
@@ -118,12 +117,8 @@ def threads_for(requested: int | None):
     """Use ``requested`` CPU threads, or those that are free, for the block (then what was set
     before); when that is fewer than all, or more than are free, a note says so once the work is done."""
     threads, note = choose_threads(requested)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield threads
-    finally:
-        torch.set_num_threads(before)
     if note:
         click.echo(f"note: {note}", err=True)
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dscompress._util import QUIET, Progress, eval_mode, write_json
+from dscompress._util import QUIET, Progress, eval_mode, torch_threads, write_json
 from dscompress.config import Record
 from dscompress.convert import convertible
 from dscompress.errors import DscompressError
-from dscompress.profile import RUNTIMES, ProfileConfig, profile
+from dscompress.profile import RUNTIMES, ProfileConfig, profile, time_model
 from dscompress.units import Option, Unit, build, find_units, layout_of, pair_channels
 
 CACHE_ENV = "DSCOMPRESS_CACHE"
@@ -120,25 +120,19 @@ class Timer:
         inside it (cached)."""
         key = self.key(model, input_size)
         if key not in self.entries:
-            config = ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                record = profile(model, input_size, config)
-            finally:
-                torch.set_num_threads(threads)
+            with torch_threads(self.threads):
+                record = profile(model, input_size, self.config())
             self.entries[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
             self.measured += 1
         return self.entries[key]
 
     def time_module(self, model: nn.Module, input_size) -> float:
-        """The model's median ms per run (measured now, not cached: for checking a prediction)."""
-        saved = self.entries.pop(self.key(model, input_size), None)
-        try:
-            return self.layer_times(model, input_size)["total"]
-        finally:
-            if saved is not None:
-                self.entries[self.key(model, input_size)] = saved
+        """The model's median ms per run, measured now (not cached, no profiler): for checking a prediction."""
+        with torch_threads(self.threads):
+            return time_model(model, input_size, self.config())
+
+    def config(self) -> ProfileConfig:
+        return ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters)
 
     def save(self) -> None:
         if self.cache_path and self.measured:

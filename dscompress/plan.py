@@ -451,10 +451,14 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     # damages: each option alone, refitted, against the original on held-out images
     damages, agreements, kept_of = _damages(model, units, options, calibration[: config.damage_batches], held_out, config, progress)
 
+    def layout(picked):
+        """The plan layout of one option index per unit."""
+        return layout_of(units, [o[i] for o, i in zip(options, picked)], [k[i] for k, i in zip(kept_of, picked)])
+
     def measure(picked):
         """The plan's MACs, or its time measured side by side with the original's, in the units of
         ``original_ms`` (times drift between rounds)."""
-        planned, _ = build(model, layout_of(units, [o[i] for o, i in zip(options, picked)], [k[i] for k, i in zip(kept_of, picked)]))
+        planned, _ = build(model, layout(picked))
         if not timer:
             return count_macs(planned, cost_size)
         planned_ms = timer.time_module(planned, cost_size)
@@ -481,7 +485,7 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         if candidate.label != "plan" and candidate.measured > limit:
             continue
         picked = picks[candidate.label]
-        planned, kept = build(model, layout_of(units, [o[i] for o, i in zip(options, picked)], [k[i] for k, i in zip(kept_of, picked)]))
+        planned, kept = build(model, layout(picked))
         calibrated, calibration_record = calibrate(planned, model, calibration, calibrate_config, kept=kept, progress=progress)
         calibrated = calibrated.cpu()
         candidate.damage, candidate.agreement = (round(v, 6) for v in kl_damage(calibrated, reference, held_out))
@@ -491,7 +495,7 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     winner, chosen, calibrated, calibration_record, kept = best
     winner.chosen = True
     picked_options = [o[i] for o, i in zip(options, chosen)]
-    layout = layout_of(units, picked_options, [k[i] for k, i in zip(kept_of, chosen)])
+    plan_layout = layout(chosen)
     damage_measured, agreement_measured = winner.damage, winner.agreement
     measured = winner.measured
     predicted = round(rest + sum(c[i] for c, i in zip(costs, chosen)), 5)
@@ -525,7 +529,7 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         rounds=rounds,
         candidates=pool,
         calibration=calibration_record,
-        plan=layout,
+        plan=plan_layout,
         kept=kept,
         seconds=0.0,
         table_original_ms=round(table.total_ms, 5) if table else None,

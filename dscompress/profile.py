@@ -251,8 +251,10 @@ def _median_ms(run, warmup: int, iters: int) -> float:
     return 1e3 * float(np.median(samples))
 
 
-def _ort_profile(model: nn.Module, input_size, config: ProfileConfig, threads: int, progress: Progress) -> tuple[float, dict[str, float], dict[str, str], str]:
-    """(whole-model ms, {module: ms}, {module: op}, device) on an ONNX Runtime provider."""
+def _ort_profile(model: nn.Module, input_size, config: ProfileConfig, threads: int, progress: Progress,
+                 layers: bool = True) -> tuple[float, dict[str, float], dict[str, str], str]:
+    """(whole-model ms, {module: ms}, {module: op}, device) on an ONNX Runtime provider (without
+    ``layers``, only the first: no profiled runs)."""
     provider = ORT_PROVIDERS[config.runtime]
     fp16 = config.runtime == "ort-trt"
     with tempfile.TemporaryDirectory(prefix="dscompress-profile-") as tmp:
@@ -268,6 +270,9 @@ def _ort_profile(model: nn.Module, input_size, config: ProfileConfig, threads: i
         progress.start(f"profile {config.runtime}", 2)
         total = _median_ms(lambda: session.run(None, feed), config.warmup, config.iters)
         progress.advance(1, "whole model")
+        if not layers:
+            progress.stop()
+            return total, {}, {}, provider
         profiled, _ = open_session(path, provider, threads=threads, fp16=fp16, profile=os.path.join(tmp, "profile"))
         for _ in range(config.warmup + config.iters):
             profiled.run(None, feed)
@@ -292,8 +297,10 @@ def _ort_profile(model: nn.Module, input_size, config: ProfileConfig, threads: i
     return total, layer_ms, ops, provider
 
 
-def _torch_profile(model: nn.Module, input_size, config: ProfileConfig, units: dict[str, nn.Module], progress: Progress) -> tuple[float, dict[str, float], dict[str, str], str]:
-    """(whole-model ms, {module: ms}, {module: type}, device) on PyTorch eager, timed with forward hooks."""
+def _torch_profile(model: nn.Module, input_size, config: ProfileConfig, units: dict[str, nn.Module], progress: Progress,
+                   layers: bool = True) -> tuple[float, dict[str, float], dict[str, str], str]:
+    """(whole-model ms, {module: ms}, {module: type}, device) on PyTorch eager, timed with forward
+    hooks (without ``layers``, only the first)."""
     device = torch.device("cuda" if config.runtime == "torch-cuda" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DscompressError("--runtime torch-cuda cannot run here: no usable CUDA GPU is visible")
@@ -309,6 +316,9 @@ def _torch_profile(model: nn.Module, input_size, config: ProfileConfig, units: d
     progress.start(f"profile {config.runtime}", 2)
     total = _median_ms(run, config.warmup, config.iters)
     progress.advance(1, "whole model")
+    if not layers:
+        progress.stop()
+        return total, {}, {}, str(device)
     starts: dict[str, float] = {}
     samples: dict[str, list[float]] = defaultdict(list)
     current: dict[str, float] = defaultdict(float)
@@ -341,6 +351,21 @@ def _torch_profile(model: nn.Module, input_size, config: ProfileConfig, units: d
     progress.stop()
     layer_ms = {name: float(median(values)) for name, values in samples.items()}
     return total, layer_ms, {name: type(units[name]).__name__ for name in layer_ms}, str(device)
+
+
+def time_model(model: nn.Module, input_size, config: ProfileConfig | None = None) -> float:
+    """The whole model's median ms per run on ``config.runtime``, as :func:`profile` measures it,
+    without the profiled runs that follow (what a prediction is checked against)."""
+    config = config or ProfileConfig()
+    input_size = tuple(int(v) for v in input_size)
+    with eval_mode(model):
+        device = model_device(model)
+        if config.runtime.startswith("ort"):
+            total = _ort_profile(model, input_size, config, torch.get_num_threads(), QUIET, layers=False)[0]
+        else:
+            total = _torch_profile(model, input_size, config, {}, QUIET, layers=False)[0]
+        model.to(device)
+    return total
 
 
 def profile(model: nn.Module, input_size, config: ProfileConfig | None = None, progress: Progress = QUIET) -> ProfileRecord:
