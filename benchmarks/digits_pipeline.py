@@ -5,12 +5,13 @@ Each stage is one ``dscompress`` command, run as a separate process and timed:
     finetune resnet18 --num-classes 10 --input-size 3,32,32 --data digits --teacher none -o baseline
     convert baseline --rank 1 -o converted                     (then: evaluate converted --data digits)
     calibrate converted --data digits -o calibrated            (if dscompress has calibrate)
-    finetune calibrated --data digits --lr 0.02 -o distilled   (teacher: the baseline the artifact keeps)
+    finetune calibrated --data digits -o distilled             (teacher: the baseline the artifact keeps)
     prune distilled --ratio 0.3 -o pruned                      (if dscompress has prune; then evaluate)
-    finetune pruned --data digits --lr 0.02 -o pruned-distilled
+    finetune pruned --data digits -o pruned-distilled
 
 and prints a Markdown table (top-1 and its change from the baseline, params, MACs, wall time)
-for BENCHMARKS.md. Fine-tuned rows give the last epoch's top-1 (``finetune`` keeps the last epoch's
+for BENCHMARKS.md. The distillations use `finetune`'s own learning rate and warm-up unless
+``--kd-lr`` is given (the tables before issue 18 passed ``--kd-lr 0.02``). Fine-tuned rows give the last epoch's top-1 (``finetune`` keeps the last epoch's
 weights; digits has no split besides train and test to choose another on). Run:
 
     python benchmarks/digits_pipeline.py [--out runs/digits] [--size 32] [--epochs 15] [--kd-epochs 15] [--threads N]
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="Images are upsampled to 3 x SIZE x SIZE.")
     parser.add_argument("--epochs", type=int, default=15, help="Baseline epochs.")
     parser.add_argument("--kd-epochs", type=int, default=15, help="Epochs of each distillation.")
-    parser.add_argument("--kd-lr", type=float, default=0.02, help="Learning rate of the distillations.")
+    parser.add_argument("--kd-lr", type=float, default=None, help="Learning rate of the distillations (default: finetune's).")
     parser.add_argument("--ratio", type=float, default=0.3, help="Share of channels pruned.")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each command (default: torch's).")
     parser.add_argument("--uncalibrated", action="store_true", help="Also distill the converted model without calibrating it first.")
@@ -64,7 +65,7 @@ def main() -> None:
     names = ("baseline", "converted", "calibrated", "distilled", "pruned", "pruned-distilled", "distilled-uncalibrated")
     path = {name: os.path.join(args.out, name) for name in names}
     data = ["--data", "digits"]
-    kd = [*data, "--epochs", str(args.kd_epochs), "--lr", str(args.kd_lr)]
+    kd = [*data, "--epochs", str(args.kd_epochs), *(["--lr", str(args.kd_lr)] if args.kd_lr else [])]
     stages = [
         ("baseline", ["finetune", "resnet18", "--num-classes", "10", "--input-size", f"3,{args.size},{args.size}", *data,
                       "--teacher", "none", "--epochs", str(args.epochs), "-o", path["baseline"]]),

@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--eval-test", type=int, default=10000, help="test images every row's top-1 is measured on")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--kd-epochs", type=int, default=8)
-    parser.add_argument("--kd-lr", type=float, default=0.02)
+    parser.add_argument("--kd-lr", type=float, default=None, help="distillation lr (default: finetune's)")
     parser.add_argument("--speedups", default="2,3,4")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training and calibration (timing uses 1)")
     args = parser.parse_args()

@@ -62,6 +62,11 @@ def check_resumable(state: dict, path: str, model: nn.Module, config: dict, may_
         raise DscompressError(f"checkpoint {path} was made for a different model ({what}); resume with the same MODEL or start over with --force")
     old = state["config"]
     for key, value in config.items():
+        if key not in old:
+            raise DscompressError(
+                f"checkpoint {path} was made by an older dscompress, which had no {key!r} option; "
+                "finish it with that version or start over with --force"
+            )
         if key not in may_change and old.get(key) != value:
             raise DscompressError(
                 f"checkpoint {path} was made with {key}={old.get(key)!r}, not {value!r}; "

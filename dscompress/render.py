@@ -178,9 +178,15 @@ def _finetune(record: FinetuneRecord) -> list:
         mark = " *" if e.epoch == record.kept_epoch else ""
         cells = [f"{getattr(e, key):.2f}" if getattr(e, key) is not None else "-" for _, key in scores]
         shown.add_row(f"{e.epoch}{mark}", f"{e.lr:.3g}", f"{e.train_loss:.4f}", *cells, f"{e.images_per_s:,.0f}", f"{e.seconds:.1f}")
-    chosen = f"best on {record.val_images} held-out training images" if validation else "the last"
+    chosen = f"best on {record.val_images} held-out training images" if record.keep == "best" else "the last"
     name, start, kept, teacher = _HEADLINES[record.task]
     lines = [f"test {name}: {getattr(record, start):.2f}% before -> {getattr(record, kept):.2f}% (epoch {record.kept_epoch}, {chosen}; * above)"]
+    start_val = getattr(record, "start_val_" + kept)
+    kept_epoch = next((e for e in record.epochs if e.epoch == record.kept_epoch), None)
+    if start_val is not None and kept_epoch is not None and getattr(kept_epoch, "val_" + kept) is not None:
+        kept_val = getattr(kept_epoch, "val_" + kept)
+        below = "  BELOW ITS START" if record.below_start else ""
+        lines.append(f"val {name} ({record.val_images} held-out training images): {start_val:.2f}% before -> {kept_val:.2f}%{below}")
     if getattr(record, teacher) is not None:
         lines.append(f"teacher {name}: {getattr(record, teacher):.2f}%")
     extra = f", resumed after epoch {', '.join(map(str, record.resumed_at))}" if record.resumed_at else ""
