@@ -4,25 +4,14 @@ The toy models are importable as ``conftest:FACTORY`` (the tests folder is on ``
 is how the command line names them.
 """
 
-import socket
-
 import onnxruntime
 import pytest
 import torch
 from torch import nn
 
 
-def _online() -> bool:
-    try:
-        socket.create_connection(("download.pytorch.org", 443), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
 # Conditions some tests depend on, named in their skip reasons.
 GPU = torch.cuda.is_available()
-ONLINE = _online()
 ORT_LISTS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()  # the onnxruntime-gpu wheel
 
 

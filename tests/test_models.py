@@ -3,7 +3,6 @@ import torch
 from safetensors.torch import save_file
 
 import dscompress
-from conftest import ONLINE
 from dscompress.errors import DscompressError
 from dscompress.models import ModelSpec, build_model, list_models, parse_input_size, read_state_dict
 
@@ -19,8 +18,14 @@ def test_listing_has_the_classification_models():
     assert "fasterrcnn_resnet50_fpn" not in names  # detection models are not classifiers
 
 
-@pytest.mark.skipif(ONLINE, reason="the internet is reachable, so torchvision's weights download would succeed")
-def test_weights_offline_fail_with_one_clear_line():
+def test_weights_offline_fail_with_one_clear_line(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no route to {url}")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: the weights would download
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(DscompressError, match="could not download resnet18 weights DEFAULT.*--checkpoint FILE"):
         build_model(ModelSpec("resnet18", weights="DEFAULT"))
     with pytest.raises(DscompressError, match="unknown weights 'BEST'"):
