@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from click.testing import CliRunner
 
 from dscompress import recipe
@@ -27,6 +29,7 @@ def test_custom_model_through_the_cli(tmp_path, monkeypatch):
     assert recipe.load(os.path.join(EXAMPLES, "custom_model.yaml")).model["name"] == "custom_model:make_net"
 
 
+@pytest.mark.slow
 def test_api_script_runs(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(EXAMPLES), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(

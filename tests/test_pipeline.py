@@ -15,6 +15,8 @@ from dscompress.steps import finetune_artifact, work_folder
 from dscompress.train import FinetuneConfig
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
+pytestmark = pytest.mark.slow  # every test here runs a whole pipeline
+
 TINY = [
     "model.input_size=[3,8,8]",
     "finetune.epochs=1",

@@ -129,6 +129,7 @@ def test_a_mac_budget_is_met(batches):
     assert kept.damage == min(c.damage for c in checked) == record.damage_measured
 
 
+@pytest.mark.slow
 def test_a_latency_budget_is_met_within_tolerance(batches, tmp_path):
     model = make_tiny()
     timer = Timer("ort-cpu", threads=1, cache=str(tmp_path / "latency.json"), iters=30)

@@ -319,6 +319,7 @@ def test_mismatches_are_one_line_and_exit_2(args, message, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_torchrun_sums_the_confusion_matrices_of_two_processes(pipeline):
     """DDP as for classifiers: each process scores half the test canvases, the confusion matrices
     are summed, so the teacher's mIoU is exactly the one evaluated in one process."""

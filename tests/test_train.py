@@ -409,6 +409,7 @@ def test_bad_input_is_one_line(baseline, workdir, argv, message):
 # --- several processes ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(baseline, converted, workdir):
     out = str(workdir / "ddp")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
