@@ -21,32 +21,15 @@ Stages whose artifact exists in OUT are not run again.
 """
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
 import sys
 import time
 
-FASHION = "/usr/share/datasets/fashion-mnist"
+from fashion import FASHION, subset
+
 CLI = [sys.executable, "-m", "dscompress"]
-
-
-def subset(source: str, folder: str, train: int, test: int) -> str:
-    """An IDX folder with the first ``train``/``test`` images of ``source`` (``mnist:`` reads it)."""
-    os.makedirs(folder, exist_ok=True)
-    for prefix, count in (("train", train), ("t10k", test)):
-        for kind, header in (("images-idx3-ubyte", 16), ("labels-idx1-ubyte", 8)):
-            out = os.path.join(folder, f"{prefix}-{kind}")
-            if os.path.exists(out):
-                continue
-            with gzip.open(os.path.join(source, f"{prefix}-{kind}.gz"), "rb") as f:
-                data = bytearray(f.read())
-            data[4:8] = count.to_bytes(4, "big")
-            item = 28 * 28 if "images" in kind else 1
-            with open(out, "wb") as f:
-                f.write(bytes(data[: header + count * item]))
-    return folder
 
 
 def dscompress(*args: str, threads: int) -> dict:
