@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import make_tiny
 from dscompress.convert import ConvertConfig, convert
 from dscompress.errors import DscompressError
 from dscompress.latency import Timer, candidate_key, latency_table
@@ -64,12 +65,10 @@ def test_prediction_agrees_with_a_real_measurement(resnet):
 
 
 def test_the_profilers_own_cost_is_not_charged_to_the_layers(tmp_path):
-    """On a small model the profiler's own cost per kernel is a large part of each layer's time (on a tiny net
-    at 3x64x64 its two convs alone summed to 1.25x the whole model, and the rest came out negative). Layer
-    times are scaled to the time measured without the profiler, so the same profiles with every
-    layer 1.5x slower give the same table."""
-    from conftest import make_tiny
-
+    """On a small model the profiler's own cost per kernel is a large part of each layer's time (on
+    a tiny net at 3x64x64 its two convs alone summed to 1.25x the whole model, and the rest came out
+    negative). Layer times are scaled to the time measured without the profiler, so the same
+    profiles with every layer 1.5x slower give the same table."""
     class Inflated(Timer):
         def layer_times(self, model, input_size):
             measured = super().layer_times(model, input_size)
