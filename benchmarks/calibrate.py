@@ -22,10 +22,10 @@ import torch
 import torchvision
 from torch import nn
 
-from dscompress.calibrate import CalibrateConfig, calibrate, calibration_batches
-from dscompress.convert import ConvertConfig, convert
-from dscompress.data import load_dataset, make_loader
-from dscompress.evaluate import accuracy
+from dscompress.compress.calibrate import CalibrateConfig, calibrate, calibration_batches
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.data.datasets import load_dataset, make_loader
+from dscompress.train.evaluate import accuracy
 
 INPUT_SIZE = (3, 32, 32)
 

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from dscompress.convert import ConvertConfig, convert
-from dscompress.models import ModelSpec, build_model
-from dscompress._util import human
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.util import human
+from dscompress.models.build import ModelSpec, build_model
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "regnet_x_400mf", "densenet121", "googlenet", "convnext_tiny"]
 

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from dscompress.artifact import Artifact
+from dscompress.artifact.format import Artifact
 
 
 def dscompress(args: list[str], threads: int | None) -> float:

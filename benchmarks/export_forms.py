@@ -3,7 +3,7 @@
 A rank-r layer can be one depthwise conv with depth multiplier r followed by one pointwise conv
 (``multiplier``, the form it trains in), or r multiplier-1 depthwise convs each with its own
 pointwise conv, summed (``split``, what dscompress runs and exports). Timed side by side
-(interleaved, ``dscompress.bench``) on ONNX Runtime CPU and eager PyTorch:
+(interleaved, ``dscompress.deploy.bench``) on ONNX Runtime CPU and eager PyTorch:
 
 1. single layers at the shapes of resnet18's stages (batch 1);
 2. rank-1 layers at channel counts around pruned ones (multiples of 4, 8 and neither);
@@ -19,11 +19,11 @@ import copy
 import torch
 from torch import nn
 
-from dscompress._util import other_load
-from dscompress.bench import BenchConfig, BenchTarget, bench, machine
-from dscompress.convert import ConvertConfig, convert
-from dscompress.layers import DepthwiseSeparableConv2d
-from dscompress.models import ModelSpec, build_model
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.util import other_load
+from dscompress.deploy.bench import BenchConfig, BenchTarget, bench, machine
+from dscompress.models.build import ModelSpec, build_model
+from dscompress.nn.layers import DepthwiseSeparableConv2d
 
 
 def multiplier_form(model: nn.Module) -> nn.Module:

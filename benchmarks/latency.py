@@ -4,7 +4,7 @@
    rank 2, and rank 1 pruned 30% (round to 8) at 3x224x224, batch 1 and 32: one table with each
    convertible layer's time, the other layers together, the whole model (no profiler), the layer
    sum, and the bound (the most converting could gain).
-2. Predicted vs measured whole-model latency from a latency table (``dscompress.latency``):
+2. Predicted vs measured whole-model latency from a latency table (``dscompress.planning.latency``):
    uniform ranks 1, 2, 4 and two mixed assignments (with pruned pairs), batch 1.
 
     python benchmarks/latency.py [--runtime ort-cpu] [--threads 1] [--size 224] [--batches 1,32]
@@ -14,15 +14,15 @@ import argparse
 
 import torch
 
-from dscompress._util import human, other_load
-from dscompress.bench import machine
-from dscompress.convert import ConvertConfig, convert, convertible
-from dscompress.latency import Timer, candidate_key, latency_table
-from dscompress.metrics import count_macs
-from dscompress.models import ModelSpec, build_model
-from dscompress.units import Option, build, find_units, layout_of, pair_channels
-from dscompress.profile import ProfileConfig, profile
-from dscompress.prune import PruneConfig, prune
+from dscompress.compress.convert import ConvertConfig, convert, convertible
+from dscompress.compress.prune import PruneConfig, prune
+from dscompress.core.util import human, other_load
+from dscompress.deploy.bench import machine
+from dscompress.deploy.profile import ProfileConfig, profile
+from dscompress.models.build import ModelSpec, build_model
+from dscompress.nn.metrics import count_macs
+from dscompress.planning.latency import Timer, candidate_key, latency_table
+from dscompress.planning.units import Option, build, find_units, layout_of, pair_channels
 
 
 def profiles(models: dict, size, batches: list[int], iters: int, runtime: str) -> None:

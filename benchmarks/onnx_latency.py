@@ -4,7 +4,7 @@ The pruned models are rank 1 pruned by magnitude, once with free channel counts 
 counts rounded to multiples of 8 (``round_to=8``), which ONNX Runtime's blocked CPU kernels favour.
 
 All models are exported to ONNX (dynamic batch, validated against PyTorch first) and timed in
-one interleaved run per batch size with :func:`dscompress.bench.bench`, so they share the same
+one interleaved run per batch size with :func:`dscompress.deploy.bench.bench`, so they share the same
 machine conditions. Weights are random: latency does not depend on their values.
 
     python benchmarks/onnx_latency.py                 # ORT CPU, batch 1 and 32, 224x224
@@ -25,11 +25,11 @@ import warnings
 import torch
 import torchvision
 
-from dscompress.bench import BenchConfig, BenchTarget, bench, machine
-from dscompress.convert import ConvertConfig, convert
-from dscompress.export import ExportConfig, export_onnx
-from dscompress.metrics import count_macs, count_params
-from dscompress._util import human
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.util import human
+from dscompress.deploy.bench import BenchConfig, BenchTarget, bench, machine
+from dscompress.deploy.export import ExportConfig, export_onnx
+from dscompress.nn.metrics import count_macs, count_params
 
 
 def models(input_size, prune_ratio: float) -> list[tuple[str, torch.nn.Module]]:
@@ -40,9 +40,9 @@ def models(input_size, prune_ratio: float) -> list[tuple[str, torch.nn.Module]]:
         converted, _ = convert(original, input_size, ConvertConfig(rank=rank))
         out.append((f"converted rank {rank}", converted))
     try:
-        from dscompress.prune import PruneConfig, prune
+        from dscompress.compress.prune import PruneConfig, prune
     except ImportError:
-        print("dscompress.prune not available: no pruned model", file=sys.stderr)
+        print("dscompress.compress.prune not available: no pruned model", file=sys.stderr)
     else:
         for round_to in (None, 8):
             pruned, _ = prune(out[1][1], input_size, PruneConfig(ratio=prune_ratio, round_to=round_to))

@@ -29,18 +29,18 @@ import time
 
 import numpy as np
 import torch
+from fashion import FASHION, subset
 
 import dscompress
-from dscompress._util import other_load
-from dscompress.bench import BenchConfig, BenchTarget, bench, machine
-from dscompress.calibrate import CalibrateConfig, calibration_batches
-from dscompress.convert import ConvertConfig
-from dscompress.evaluate import EvaluateConfig
-from dscompress.plan import PlanConfig, _log_probs, kl_damage
-from dscompress.prune import PruneConfig
-from dscompress.steps import StepContext, run_step
-from dscompress.train import FinetuneConfig
-from fashion import FASHION, subset
+from dscompress.compress.calibrate import CalibrateConfig, calibration_batches
+from dscompress.compress.convert import ConvertConfig
+from dscompress.compress.prune import PruneConfig
+from dscompress.core.util import other_load
+from dscompress.deploy.bench import BenchConfig, BenchTarget, bench, machine
+from dscompress.pipeline.steps import StepContext, run_step
+from dscompress.planning.plan import PlanConfig, _log_probs, kl_damage
+from dscompress.train.evaluate import EvaluateConfig
+from dscompress.train.finetune import FinetuneConfig
 
 LATENCY_SIZE = (3, 224, 224)
 

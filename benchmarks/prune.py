@@ -14,9 +14,9 @@ import time
 
 import torchvision
 
-from dscompress.convert import ConvertConfig, convert
-from dscompress.metrics import count_macs, count_params
-from dscompress.prune import PruneConfig, prune
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.compress.prune import PruneConfig, prune
+from dscompress.nn.metrics import count_macs, count_params
 
 
 def main():

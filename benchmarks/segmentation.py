@@ -41,14 +41,14 @@ import time
 
 import torch
 
-from dscompress._util import human
-from dscompress.artifact import Artifact, resolve
-from dscompress.bench import BenchConfig
-from dscompress.calibrate import CalibrateConfig
-from dscompress.convert import ConvertConfig
-from dscompress.evaluate import EvaluateConfig
-from dscompress.steps import StepContext, run_step
-from dscompress.train import FinetuneConfig
+from dscompress.artifact.format import Artifact, resolve
+from dscompress.compress.calibrate import CalibrateConfig
+from dscompress.compress.convert import ConvertConfig
+from dscompress.core.util import human
+from dscompress.deploy.bench import BenchConfig
+from dscompress.pipeline.steps import StepContext, run_step
+from dscompress.train.evaluate import EvaluateConfig
+from dscompress.train.finetune import FinetuneConfig
 
 DATA = "digits-seg"
 CLASSES = 11

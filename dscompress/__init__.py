@@ -1,36 +1,51 @@
 """dscompress: make trained PyTorch CNNs smaller and faster with depthwise-separable convolutions.
 
-The names below are loaded on first use, so that ``import dscompress`` (and ``dscompress
---help``) does not import torch. Submodules load on first use too: ``dscompress.prune.prune``,
-``dscompress.train.finetune`` work after a plain ``import dscompress``.
+This module is the public API; the subpackages below it are the implementation (see "How the
+code is laid out" in the README). The names are loaded on first use, so that ``import dscompress``
+(and ``dscompress --help``) does not import torch.
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.2.0"
 
 # Public name -> the module that defines it.
 _API = {
-    "Artifact": "dscompress.artifact",
-    "Source": "dscompress.artifact",
-    "load": "dscompress.artifact",
-    "resolve": "dscompress.artifact",
-    "save": "dscompress.artifact",
-    "ConversionRecord": "dscompress.convert",
-    "ConvertConfig": "dscompress.convert",
-    "convert": "dscompress.convert",
-    "convert_": "dscompress.convert",
-    "DepthwiseSeparableConv2d": "dscompress.layers",
-    "DscompressError": "dscompress.errors",
-    "ModelSpec": "dscompress.models",
-    "build_model": "dscompress.models",
-    "convert_artifact": "dscompress.steps",
-    "run_step": "dscompress.steps",
+    # models and artifacts
+    "ModelSpec": "dscompress.models.build",
+    "build_model": "dscompress.models.build",
+    "Artifact": "dscompress.artifact.format",
+    "Source": "dscompress.artifact.format",
+    "load": "dscompress.artifact.format",
+    "resolve": "dscompress.artifact.format",
+    "save": "dscompress.artifact.format",
+    # transforms: nn.Module in, (module, record) out
+    "ConvertConfig": "dscompress.compress.convert",
+    "ConversionRecord": "dscompress.compress.convert",
+    "convert": "dscompress.compress.convert",
+    "convert_": "dscompress.compress.convert",
+    "CalibrateConfig": "dscompress.compress.calibrate",
+    "calibrate": "dscompress.compress.calibrate",
+    "PruneConfig": "dscompress.compress.prune",
+    "prune": "dscompress.compress.prune",
+    "FinetuneConfig": "dscompress.train.finetune",
+    "finetune": "dscompress.train.finetune",
+    "PlanConfig": "dscompress.planning.plan",
+    "plan": "dscompress.planning.plan",
+    # deployment and measurement
+    "ExportConfig": "dscompress.deploy.export",
+    "export_onnx": "dscompress.deploy.export",
+    "ValidateConfig": "dscompress.deploy.validate",
+    "validate_onnx": "dscompress.deploy.validate",
+    "EvaluateConfig": "dscompress.train.evaluate",
+    "evaluate": "dscompress.train.evaluate",
+    # steps over artifacts
+    "StepContext": "dscompress.pipeline.steps",
+    "convert_artifact": "dscompress.pipeline.steps",
+    "run_step": "dscompress.pipeline.steps",
+    "DepthwiseSeparableConv2d": "dscompress.nn.layers",
+    "DscompressError": "dscompress.core.errors",
 }
-# Names that are both a function here and a submodule: the package attribute stays the function.
-_FUNCTIONS = {"convert"}
 
 __all__ = sorted(_API)
 
@@ -40,25 +55,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
         return value
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
     return sorted(set(globals()) | set(_API))
-
-
-class _Package(types.ModuleType):
-    """Keeps ``dscompress.convert`` the function when the submodule of that name is imported."""
-
-    def __setattr__(self, name, value):
-        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

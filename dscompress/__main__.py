@@ -1,4 +1,4 @@
-from dscompress.cli import main
+from dscompress.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -16,14 +16,14 @@ import argparse
 import os
 
 import dscompress
-from dscompress.bench import BenchConfig
-from dscompress.calibrate import CalibrateConfig
-from dscompress.evaluate import EvaluateConfig
-from dscompress.export import ExportConfig
-from dscompress.plan import PlanConfig
-from dscompress.report import compare, comparison_markdown, plot
-from dscompress.steps import StepContext
-from dscompress.train import FinetuneConfig
+from dscompress.cli.report import compare, comparison_markdown, plot
+from dscompress.compress.calibrate import CalibrateConfig
+from dscompress.deploy.bench import BenchConfig
+from dscompress.deploy.export import ExportConfig
+from dscompress.pipeline.steps import StepContext
+from dscompress.planning.plan import PlanConfig
+from dscompress.train.evaluate import EvaluateConfig
+from dscompress.train.finetune import FinetuneConfig
 
 
 def main() -> None:

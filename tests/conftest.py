@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-
 # Conditions some tests depend on, named in their skip reasons.
 GPU = torch.cuda.is_available()
 ORT_LISTS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()  # the onnxruntime-gpu wheel

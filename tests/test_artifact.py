@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import dscompress
-from dscompress.artifact import MANIFEST, Artifact, resolve, save_step
-from dscompress.convert import ConvertConfig
-from dscompress.steps import convert_artifact
-from dscompress.errors import DscompressError
+from dscompress.artifact.format import MANIFEST, Artifact, resolve, save_step
+from dscompress.compress.convert import ConvertConfig
+from dscompress.core.errors import DscompressError
+from dscompress.pipeline.steps import convert_artifact
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_refuses_to_overwrite_then_replaces_with_force(converted):
 
 
 def test_interrupted_save_leaves_nothing_behind(tmp_path, tiny, monkeypatch):
-    import dscompress.artifact as artifact_module
+    import dscompress.artifact.format as artifact_module
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import GPU, ORT_LISTS_CUDA, make_tiny
-from dscompress.bench import BenchConfig, BenchTarget, bench, headline, load_targets
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert
-from dscompress.errors import DscompressError
-from dscompress.export import ExportConfig, export_onnx
-from dscompress.steps import StepContext, run_step
+
+from dscompress.cli.main import cli
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.errors import DscompressError
+from dscompress.deploy.bench import BenchConfig, BenchTarget, bench, headline, load_targets
+from dscompress.deploy.export import ExportConfig, export_onnx
+from dscompress.pipeline.steps import StepContext, run_step
 
 SIZE = (3, 32, 32)
 FAST = {"batch_sizes": [1, 2], "warmup": 1, "iters": 6, "block": 2}
@@ -70,8 +70,8 @@ def test_cuda_without_gpu_is_unavailable_not_timed(two_models):
 
 
 def test_onnx_file_and_artifact_targets(tmp_path):
-    from dscompress.artifact import Artifact, resolve, save
-    from dscompress.models import ModelSpec, build_model
+    from dscompress.artifact.format import Artifact, resolve, save
+    from dscompress.models.build import ModelSpec, build_model
 
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
     folder = save(str(tmp_path / "r18"), build_model(spec), spec, steps=[]).path
@@ -92,7 +92,7 @@ def test_onnx_file_and_artifact_targets(tmp_path):
     assert latency["headline"]["runtime"] == "ort-cpu" and latency["headline"]["batch_size"] == 1
     assert len(latency["results"]) == 4  # torch-cpu and ort-cpu at batch 1 and 2
 
-    from dscompress.report import compare
+    from dscompress.cli.report import compare
 
     row = compare([folder])[0]
     assert row["latency_ms"] == latency["headline"]["p50_ms"] == row["p50:ort-cpu b1"]
@@ -164,7 +164,7 @@ def test_time_at_times_models_at_another_size_and_refuses_fixed_onnx_files(two_m
 def test_every_turn_settles_then_runs_once_untimed(monkeypatch):
     """Other sessions' spinning thread pools must not be charged to the next model: each turn is a
     pause, one untimed run, then its timed block (see ``SETTLE_S``)."""
-    import dscompress.bench as bench_module
+    import dscompress.deploy.bench as bench_module
 
     events = []
     monkeypatch.setattr(bench_module.time, "sleep", lambda s: events.append(("pause", s)))

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TinyCNN
 from torch import nn
 
-from conftest import TinyCNN
-from dscompress.artifact import Artifact, resolve, save, save_step, step_entry
-from dscompress.calibrate import (
+from dscompress.artifact.format import Artifact, resolve, save, save_step, step_entry
+from dscompress.cli.main import cli
+from dscompress.compress.calibrate import (
     CalibrateConfig,
     CalibrationRecord,
     calibrate,
@@ -22,14 +23,13 @@ from dscompress.calibrate import (
     reestimate_bn,
     refit,
 )
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert
-from dscompress.data import load_dataset, make_loader
-from dscompress.errors import DscompressError
-from dscompress.evaluate import accuracy
-from dscompress.layers import DepthwiseSeparableConv2d
-from dscompress.models import ModelSpec, build_model
-from dscompress.steps import calibrate_artifact
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.errors import DscompressError
+from dscompress.data.datasets import load_dataset, make_loader
+from dscompress.models.build import ModelSpec, build_model
+from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.pipeline.steps import calibrate_artifact
+from dscompress.train.evaluate import accuracy
 
 INPUT_SIZE = (3, 32, 32)
 R18 = ["--num-classes", "10", "--input-size", "3,32,32"]
@@ -237,7 +237,7 @@ def test_cli_calibrate_an_artifact(tmp_path):
     assert runner.invoke(cli, ["convert", "resnet18", *R18, "-o", str(converted), "--include", "layer4.*"]).exit_code == 0
     out = tmp_path / "r18-cal"
     # resnet18 is untrained here: its BatchNorm statistics do not describe digits, so only the
-    # refit brings it towards its original (see the dscompress.calibrate docstring)
+    # refit brings it towards its original (see the dscompress.compress.calibrate docstring)
     args = ["calibrate", str(converted), "--data", "digits", "-o", str(out), "--batches", "2", "--batch-size", "8", "--no-bn"]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -303,7 +303,7 @@ def test_calibrate_artifact_refuses_a_model_with_other_classes(tmp_path):
 
 
 def test_calibrated_pruning_lowers_every_pruned_layer_error(trained, images, test_loader):
-    from dscompress.prune import PruneConfig, prune
+    from dscompress.compress.prune import PruneConfig, prune
 
     pruned, record = prune(trained, INPUT_SIZE, PruneConfig(ratio=0.5))
     kept = {layer.name: layer.kept_out for layer in record.layers if layer.kept_out is not None}
@@ -320,7 +320,7 @@ def test_calibrated_pruning_lowers_every_pruned_layer_error(trained, images, tes
 
 
 def test_cli_prune_with_calibrate_and_kept_channels_compose(tmp_path):
-    from dscompress.steps import kept_channels
+    from dscompress.pipeline.steps import kept_channels
 
     runner = CliRunner()
     base = tmp_path / "base"

@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dscompress.cli import cli
+from dscompress.cli.main import cli
 
 
 def run(*args):
@@ -164,13 +164,14 @@ def test_python_m_entry_point():
 
 
 def test_disk_full_during_convert_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
-    import dscompress.artifact
     from safetensors import SafetensorError
+
+    import dscompress.artifact.format
 
     def full(*args, **kwargs):
         raise SafetensorError("No space left on device (os error 28)")
 
-    monkeypatch.setattr(dscompress.artifact, "save_file", full)
+    monkeypatch.setattr(dscompress.artifact.format, "save_file", full)
     result = CliRunner().invoke(cli, ["convert", "resnet18", *R18, "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "no space left on the device while writing" in result.stderr
     assert os.listdir(tmp_path) == []

@@ -10,10 +10,11 @@ import click
 import pytest
 import yaml
 
-from dscompress import cli as cli_module
-from dscompress import commands, recipe
-from dscompress.config import ConfigError, flag_name
-from dscompress.steps import STEPS
+from dscompress.cli import commands
+from dscompress.cli import main as cli_module
+from dscompress.core.config import ConfigError, flag_name
+from dscompress.pipeline import recipe
+from dscompress.pipeline.steps import STEPS
 
 STEP_NAMES = sorted(STEPS)
 
@@ -55,7 +56,7 @@ def test_recipes_take_the_same_names(step):
 
 
 def test_config_errors_name_the_option_as_typed():
-    from dscompress.convert import ConvertConfig
+    from dscompress.compress.convert import ConvertConfig
 
     with pytest.raises(ConfigError, match=r"^--macs-budget must be in \(0, 1\], got 1.5$"):
         ConvertConfig(macs_budget=1.5)
@@ -71,7 +72,7 @@ def test_help_and_version_do_not_import_torch():
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from dscompress.cli import cli\n"
+        "from dscompress.cli.main import cli\n"
         "for args in (['--help'], ['--version']):\n"
         "    assert CliRunner().invoke(cli, args).exit_code == 0\n"
         "print('torch' in sys.modules)\n"

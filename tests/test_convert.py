@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dscompress
-from dscompress.convert import ConvertConfig, convert, convert_
-from dscompress.errors import DscompressError
-from dscompress.layers import DepthwiseSeparableConv2d
+from dscompress.compress.convert import ConvertConfig, convert, convert_
+from dscompress.core.errors import DscompressError
+from dscompress.nn.layers import DepthwiseSeparableConv2d
 
 # (model, input size, overrides): small inputs, every model's convs included (min_channels=1).
 TORCHVISION_MODELS = [

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dscompress.data import DataSpec, check_classes, load_dataset, make_loader, read_idx
-from dscompress.errors import DscompressError
+from dscompress.core.errors import DscompressError
+from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader, read_idx
 
 
 def write_idx(path, array: np.ndarray, compress: bool):
@@ -35,7 +35,7 @@ def test_digits_split_is_fixed_and_shaped():
     image, label = test[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 10
     assert torch.equal(load_dataset("digits", (3, 32, 32), "test")[5][0], test[5][0])
-    from dscompress.data import MEAN, STD
+    from dscompress.data.datasets import MEAN, STD
 
     raw = image * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
     torch.testing.assert_close(raw[0], raw[1])  # grayscale repeated to 3 channels

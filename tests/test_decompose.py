@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dscompress import decompose
+from dscompress.nn import decompose
 
 
 def test_factorize_shapes_and_channel_layout():

@@ -4,12 +4,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dscompress.artifact import Artifact, resolve
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig
-from dscompress.steps import convert_artifact
-from dscompress.data import load_dataset, make_loader
-from dscompress.evaluate import accuracy, evaluate
+from dscompress.artifact.format import Artifact, resolve
+from dscompress.cli.main import cli
+from dscompress.compress.convert import ConvertConfig
+from dscompress.data.datasets import load_dataset, make_loader
+from dscompress.pipeline.steps import convert_artifact
+from dscompress.train.evaluate import accuracy, evaluate
 
 
 class Oracle(torch.nn.Module):

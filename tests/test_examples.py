@@ -8,8 +8,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dscompress import recipe
-from dscompress.cli import cli
+from dscompress.cli.main import cli
+from dscompress.pipeline import recipe
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 

@@ -9,20 +9,20 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import large_kernel_net, make_tiny
 from onnx import TensorProto, helper
 from torch import nn
 
-from conftest import large_kernel_net, make_tiny
-from dscompress import export as exporting
-from dscompress.artifact import Artifact
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert
-from dscompress.steps import convert_artifact
-from dscompress.errors import DscompressError
-from dscompress.export import ExportConfig, ExportWarning, explicit_same_pads, export_onnx, same_pad_dilation_nodes
-from dscompress.models import ModelSpec
-from dscompress.validate import TOLERANCES
-from dscompress.report import compare
+from dscompress.artifact.format import Artifact
+from dscompress.cli.main import cli
+from dscompress.cli.report import compare
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.errors import DscompressError
+from dscompress.deploy import export as exporting
+from dscompress.deploy.export import ExportConfig, ExportWarning, explicit_same_pads, export_onnx, same_pad_dilation_nodes
+from dscompress.deploy.validate import TOLERANCES
+from dscompress.models.build import ModelSpec
+from dscompress.pipeline.steps import convert_artifact
 
 SIZE = (3, 32, 32)
 
@@ -39,8 +39,8 @@ def run_onnx(path, images: torch.Tensor) -> np.ndarray:
 def resnet_export(tmp_path_factory):
     """An artifact of resnet18 converted at rank 1, exported with --simplify through the CLI."""
     root = tmp_path_factory.mktemp("resnet")
-    from dscompress.artifact import Source
-    from dscompress.models import build_model
+    from dscompress.artifact.format import Source
+    from dscompress.models.build import build_model
 
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
     source = Source(build_model(spec), spec)
@@ -309,7 +309,7 @@ def test_strided_same_pad_is_left_flagged():
 
 
 def test_pruned_model_exports_and_validates(tmp_path):
-    prune = pytest.importorskip("dscompress.prune")
+    prune = pytest.importorskip("dscompress.compress.prune")
     converted, _ = convert(large_kernel_net(), SIZE, ConvertConfig(rank=2, dilation="rf"))
     pruned, record = prune.prune(converted, SIZE, prune.PruneConfig(ratio=0.5))
     assert record.params_after < record.params_before
@@ -358,8 +358,8 @@ def test_disk_full_during_export_is_one_line(tmp_path, monkeypatch):
 def test_validate_says_when_the_onnx_came_from_another_artifact(resnet_export, tmp_path):
     """The export stamps the artifact's weights sha256 in the graph; validating against an artifact
     with other weights (the same architecture) says so beside the failure."""
-    from dscompress.artifact import Source
-    from dscompress.models import build_model
+    from dscompress.artifact.format import Source
+    from dscompress.models.build import build_model
 
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
     model = build_model(spec)

@@ -5,12 +5,12 @@ import time
 import pytest
 import torch
 import torchvision
-
 from conftest import make_tiny
-from dscompress.convert import ConvertConfig, convert
-from dscompress.errors import DscompressError
-from dscompress.latency import Timer, candidate_key, latency_table
-from dscompress.units import round_channels
+
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.errors import DscompressError
+from dscompress.planning.latency import Timer, candidate_key, latency_table
+from dscompress.planning.units import round_channels
 
 SIZE = (3, 64, 64)
 

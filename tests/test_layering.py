@@ -1,68 +1,77 @@
-"""The package's layering: each module imports only from the layers below it, with no cycles
-and no imports of dscompress modules hidden inside functions (see "How the code is laid out" in
-the README)."""
+"""The package's layout: the import-linter contracts in pyproject.toml hold (each subpackage imports
+only from those below it, siblings are independent, only the CLI imports click and rich), no module
+hides an import of the package inside a function, and the README's layout table is the packages'
+own docstrings."""
 
 import ast
+import importlib
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
+import tomllib
 
-PACKAGE = os.path.join(os.path.dirname(__file__), "..", "dscompress")
-
-# Module -> layer; a module may import from lower layers, and from earlier modules of its own
-# layer as listed (the transforms build on each other: train on distill, export on validate).
-LAYERS = [
-    ["errors", "_util", "config"],
-    ["decompose", "layers", "metrics", "selection"],
-    ["models", "data", "ort"],
-    ["convert", "calibrate", "prune_tp", "prune", "distill", "distributed", "checkpoint", "evaluate", "train",
-     "onnx_passes", "validate", "export", "bench", "units", "profile", "latency", "plan"],
-    ["artifact", "runstate"],
-    ["steps"],
-    ["render", "report"],
-    ["recipe", "pipeline", "commands", "cli"],
-]
-ORDER = {name: (layer, position) for layer, names in enumerate(LAYERS) for position, name in enumerate(names)}
+ROOT = pathlib.Path(__file__).parent.parent
+PACKAGE = ROOT / "dscompress"
+CONTRACTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+LAYERS = next(c for c in CONTRACTS if c["type"] == "layers")["layers"]
+SUBPACKAGES = [name.strip() for layer in LAYERS for name in layer.split("|")]
 
 
-def modules() -> dict[str, ast.Module]:
-    found = {}
-    for name in sorted(os.listdir(PACKAGE)):
-        if name.endswith(".py") and name not in ("__init__.py", "__main__.py"):
-            with open(os.path.join(PACKAGE, name)) as f:
-                found[name[:-3]] = ast.parse(f.read())
-    return found
+def lint_imports() -> subprocess.CompletedProcess:
+    command = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    return subprocess.run([command, "--no-cache"], cwd=ROOT, capture_output=True, text=True)
 
 
-def imports(tree: ast.Module) -> list[tuple[str, int, bool]]:
-    """(dscompress module imported, line, inside a function) for every import of the package."""
-    inside = set()
+def test_import_contracts_are_kept():
+    result = lint_imports()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert f"{len(CONTRACTS)} kept, 0 broken" in result.stdout
+
+
+def test_a_broken_contract_is_caught(tmp_path):
+    """A copy of the package where the bottom layer imports the CLI must fail the check."""
+    copy = tmp_path / "repo"
+    shutil.copytree(PACKAGE, copy / "dscompress", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    errors = copy / "dscompress" / "core" / "errors.py"
+    errors.write_text(errors.read_text() + "\nfrom dscompress.cli import render  # noqa\n")
+    command = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    result = subprocess.run([command, "--no-cache"], cwd=copy, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(copy)})
+    assert result.returncode != 0
+    assert "dscompress.core.errors -> dscompress.cli.render" in result.stdout
+
+
+def test_every_subpackage_is_in_a_layer():
+    found = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert found == set(SUBPACKAGES), "add new subpackages to the layers contract in pyproject.toml"
+
+
+def _modules():
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_package_import_inside_a_function(path):
+    tree = ast.parse(path.read_text())
     for fn in ast.walk(tree):
-        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            inside.update(id(node) for node in ast.walk(fn))
-    found = []
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dscompress"):
-            names = [node.module] if node.module != "dscompress" else [f"dscompress.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.startswith("dscompress")]
-        for name in names:
-            module = name.split(".")[1] if "." in name else None
-            if module:
-                found.append((module, node.lineno, id(node) in inside))
-    return found
-
-
-def test_every_module_has_a_layer():
-    assert set(modules()) == set(ORDER), "add new modules to LAYERS (and to the README's table)"
-
-
-@pytest.mark.parametrize("name", sorted(ORDER))
-def test_imports_only_from_below(name):
-    tree = modules()[name]
-    for module, line, in_function in imports(tree):
-        assert not in_function, f"{name}.py:{line} imports dscompress.{module} inside a function: a layering bug to fix, not to hide"
-        if module not in ORDER:  # the package itself (__version__)
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        assert ORDER[module] < ORDER[name], f"{name}.py:{line} imports dscompress.{module}, which is not below it"
+        for node in ast.walk(fn):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+            bad = [n for n in names if n.startswith("dscompress")]
+            assert not bad, f"{path.name}:{node.lineno} imports {bad[0]} inside a function: a layering bug to fix, not to hide"
+
+
+def test_readme_layout_is_the_package_docstrings():
+    readme = (ROOT / "README.md").read_text()
+    for name in SUBPACKAGES:
+        doc = " ".join(importlib.import_module(f"dscompress.{name}").__doc__.split())
+        first = doc.split(". ")[0].rstrip(".")
+        assert f"| `{name}/` |" in readme, f"README's layout table lacks {name}/"
+        assert first in " ".join(readme.split()), f"README's line for {name}/ is not its docstring's first sentence"

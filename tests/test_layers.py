@@ -4,9 +4,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dscompress import decompose
-from dscompress.layers import DepthwiseSeparableConv2d
-
+from dscompress.nn import decompose
+from dscompress.nn.layers import DepthwiseSeparableConv2d
 
 conv_configs = st.fixed_dictionaries(
     {
@@ -107,7 +106,7 @@ def test_rank_must_be_positive():
 @pytest.mark.parametrize("rank,size", [(2, 7), (2, 28), (4, 7), (4, 56)])
 def test_every_form_computes_the_same_function(rank, size):
     """Multiplier r, r split pairs (forward at large sizes, export always), BatchNorm folded: one function."""
-    from dscompress.layers import SplitDepthwiseSeparable, deploy_form, split_pays
+    from dscompress.nn.layers import SplitDepthwiseSeparable, deploy_form, split_pays
 
     torch.manual_seed(0)
     layer = DepthwiseSeparableConv2d(8, 12, 3, padding=2, dilation=2, rank=rank).double().eval()

@@ -3,8 +3,8 @@ import torch
 from safetensors.torch import save_file
 
 import dscompress
-from dscompress.errors import DscompressError
-from dscompress.models import ModelSpec, build_model, list_models, parse_input_size, read_state_dict
+from dscompress.core.errors import DscompressError
+from dscompress.models.build import ModelSpec, build_model, list_models, parse_input_size, read_state_dict
 
 
 def test_unknown_name_suggests_close_ones():

@@ -6,13 +6,13 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from dscompress import recipe
-from dscompress.cli import cli
-from dscompress._util import Progress
-from dscompress.artifact import resolve
-from dscompress.pipeline import run
-from dscompress.steps import finetune_artifact, work_folder
-from dscompress.train import FinetuneConfig
+from dscompress.artifact.format import resolve
+from dscompress.cli.main import cli
+from dscompress.core.util import Progress
+from dscompress.pipeline import recipe
+from dscompress.pipeline.run import run
+from dscompress.pipeline.steps import finetune_artifact, work_folder
+from dscompress.train.finetune import FinetuneConfig
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
 pytestmark = pytest.mark.slow  # every test here runs a whole pipeline

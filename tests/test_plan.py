@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny
-from dscompress.artifact import Artifact
-from dscompress.calibrate import calibration_batches
-from dscompress.cli import cli
-from dscompress.errors import DscompressError
-from dscompress.convert import convertible
-from dscompress.latency import Timer
-from dscompress.metrics import count_macs
-from dscompress.plan import TOLERANCE, PlanConfig, plan, search, solve, uniform_plans
-from dscompress.units import find_units, unit_options
+
+from dscompress.artifact.format import Artifact
+from dscompress.cli.main import cli
+from dscompress.compress.calibrate import calibration_batches
+from dscompress.compress.convert import convertible
+from dscompress.core.errors import DscompressError
+from dscompress.nn.metrics import count_macs
+from dscompress.planning.latency import Timer
+from dscompress.planning.plan import TOLERANCE, PlanConfig, plan, search, solve, uniform_plans
+from dscompress.planning.units import find_units, unit_options
 
 SIZE = (3, 16, 16)
 SMALL = {"batches": 2, "batch_size": 16, "held_out": 32, "ranks": [1, 2], "prune_ratios": [0.5], "round_to": 4}

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert
-from dscompress.errors import DscompressError
-from dscompress.profile import ProfileConfig, profile
+
+from dscompress.cli.main import cli
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.core.errors import DscompressError
+from dscompress.deploy.profile import ProfileConfig, profile
 
 SIZE = (3, 32, 32)
 FAST = {"warmup": 3, "iters": 15}

@@ -10,16 +10,15 @@ from click.testing import CliRunner
 from torch import nn
 
 import dscompress
-from dscompress.artifact import Source, save_step, step_entry
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert
-from dscompress.steps import convert_artifact
-from dscompress.errors import DscompressError
-from dscompress.layers import DepthwiseSeparableConv2d
-from dscompress.models import ModelSpec, build_model
-from dscompress.prune import PruneConfig, output_layers, prune
-from dscompress.prune_tp import DS_PRUNER
-from dscompress.steps import prune_artifact
+from dscompress.artifact.format import Source, save_step, step_entry
+from dscompress.cli.main import cli
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.compress.prune import PruneConfig, output_layers, prune
+from dscompress.compress.prune_tp import DS_PRUNER
+from dscompress.core.errors import DscompressError
+from dscompress.models.build import ModelSpec, build_model
+from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.pipeline.steps import convert_artifact, prune_artifact
 
 INPUT = (3, 32, 32)
 

@@ -15,7 +15,7 @@ import shlex
 import pytest
 from click.testing import CliRunner
 
-from dscompress.cli import cli
+from dscompress.cli.main import cli
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 BLOCK = re.compile(r"(?:<!-- readme-test: skip \((?P<why>[^)]+)\) -->\n)?```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from dscompress import recipe
-from dscompress.errors import DscompressError
+from dscompress.core.errors import DscompressError
+from dscompress.pipeline import recipe
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
 

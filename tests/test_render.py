@@ -5,8 +5,8 @@ import io
 
 from rich.console import Console
 
-from dscompress.bench import BenchRecord, BenchResults
-from dscompress.render import ConsoleProgress, render, stdout_console
+from dscompress.cli.render import ConsoleProgress, render, stdout_console
+from dscompress.deploy.bench import BenchRecord, BenchResults
 
 LONG = "runs/quickstart/planned-distilled-with-a-long-name"
 

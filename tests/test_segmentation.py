@@ -13,20 +13,20 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from conftest import tiny_seg
 from PIL import Image
 from torch.utils.data import Subset
 
-from dscompress.calibrate import CalibrateConfig, calibrate
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig, convert
-from dscompress.data import DIGITS_SEG_INK, MEAN, STD, digits_seg_arrays, load_dataset, make_loader
-from dscompress.distill import distillation_loss
-from dscompress.errors import DscompressError
-from dscompress.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
-from dscompress.models import ModelSpec, SegmentationNet, build_model, model_tasks, segmentation_models
-from dscompress.prune import PruneConfig, prune
-from dscompress.train import Augmented, FinetuneConfig, finetune
-from conftest import tiny_seg
+from dscompress.cli.main import cli
+from dscompress.compress.calibrate import CalibrateConfig, calibrate
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.compress.prune import PruneConfig, prune
+from dscompress.core.errors import DscompressError
+from dscompress.data.datasets import DIGITS_SEG_INK, MEAN, STD, digits_seg_arrays, load_dataset, make_loader
+from dscompress.models.build import ModelSpec, SegmentationNet, build_model, model_tasks, segmentation_models
+from dscompress.nn.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
+from dscompress.train.distill import distillation_loss
+from dscompress.train.finetune import Augmented, FinetuneConfig, finetune
 
 SEGMENTATION = [
     "deeplabv3_mobilenet_v3_large",

@@ -1,8 +1,8 @@
 import pytest
 from torch import nn
 
-from dscompress.errors import DscompressError
-from dscompress.selection import check_pattern, make_filter, matches, require_matches
+from dscompress.core.errors import DscompressError
+from dscompress.core.selection import check_pattern, make_filter, matches, require_matches
 
 
 @pytest.mark.parametrize(

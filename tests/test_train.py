@@ -17,21 +17,20 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import small_net
 from torch import nn
 from torch.utils.data import Dataset
 
-from conftest import small_net
-from dscompress.artifact import Artifact, load, resolve
-from dscompress.cli import cli
-from dscompress.convert import ConvertConfig
-from dscompress.steps import convert_artifact
-from dscompress.data import load_dataset
-from dscompress.errors import DscompressError
-from dscompress.evaluate import evaluate
-from dscompress.checkpoint import checkpoint_path, read_checkpoint
-from dscompress.distill import distillation_loss
-from dscompress.steps import work_folder
-from dscompress.train import FinetuneConfig, FinetuneInterrupted, finetune, split_validation, warmup_cosine
+from dscompress.artifact.format import Artifact, load, resolve
+from dscompress.cli.main import cli
+from dscompress.compress.convert import ConvertConfig
+from dscompress.core.errors import DscompressError
+from dscompress.data.datasets import load_dataset
+from dscompress.pipeline.steps import convert_artifact, work_folder
+from dscompress.train.checkpoint import checkpoint_path, read_checkpoint
+from dscompress.train.distill import distillation_loss
+from dscompress.train.evaluate import evaluate
+from dscompress.train.finetune import FinetuneConfig, FinetuneInterrupted, finetune, split_validation, warmup_cosine
 
 SIZE = "3,16,16"
 MODEL = "conftest:small_net"
@@ -256,7 +255,7 @@ def test_a_run_that_ends_below_its_start_says_so(converted, workdir):
     ],
 )
 def test_below_start_means_beyond_the_noise_of_the_held_out_images(start, end, images, below):
-    from dscompress.train import EpochRecord, FinetuneRecord, _check_against_start
+    from dscompress.train.finetune import EpochRecord, FinetuneRecord, _check_against_start
 
     record = FinetuneRecord(teacher="original", device="cpu", precision="fp32", world_size=1, train_images=1000, test_images=360,
                             val_images=images, start_val_top1=start)
@@ -452,7 +451,7 @@ def test_keep_best_chooses_on_held_out_training_images_not_the_test_split():
 
 
 def test_augmentation_crops_and_flips_only_when_asked():
-    from dscompress.train import Augmented
+    from dscompress.train.finetune import Augmented
 
     data = load_dataset("digits", (3, 16, 16), "train")
     image, label = data[0]

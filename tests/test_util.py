@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import dscompress._util as util
+import dscompress.core.util as util
 
 
 @pytest.mark.parametrize(

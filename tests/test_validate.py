@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import GPU, ORT_LISTS_CUDA, make_tiny
 from torch import nn
 
-from conftest import GPU, ORT_LISTS_CUDA, make_tiny
-from dscompress.cli import cli
-from dscompress.errors import DscompressError
-from dscompress.export import ExportConfig, export_onnx
-from dscompress.ort import open_session, parse_providers
-from dscompress.validate import ValidateConfig, compare_outputs, top1_agreement, validate_onnx
+from dscompress.cli.main import cli
+from dscompress.core.errors import DscompressError
+from dscompress.deploy.export import ExportConfig, export_onnx
+from dscompress.deploy.ort import open_session, parse_providers
+from dscompress.deploy.validate import ValidateConfig, compare_outputs, top1_agreement, validate_onnx
 
 SIZE = (3, 32, 32)
 
@@ -33,8 +33,8 @@ def exported(tmp_path_factory):
 def artifact_export(tmp_path_factory):
     """A resnet18 artifact (10 classes, 3x32x32) and its ONNX file, for the command line."""
     root = tmp_path_factory.mktemp("cli")
-    from dscompress.artifact import save
-    from dscompress.models import ModelSpec, build_model
+    from dscompress.artifact.format import save
+    from dscompress.models.build import ModelSpec, build_model
 
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
     artifact = save(str(root / "r18"), build_model(spec), spec, steps=[])

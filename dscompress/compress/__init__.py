@@ -1,0 +1,2 @@
+"""Transforms of a model: convert convs to fitted depthwise-separable layers, calibrate them on data,
+prune channels with Torch-Pruning. Each takes an ``nn.Module`` and returns ``(module, record)``."""

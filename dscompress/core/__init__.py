@@ -1,0 +1,2 @@
+"""Below everything: errors, config dataclasses and their coercion, the name-selection vocabulary, files
+written atomically, threads, devices and progress."""

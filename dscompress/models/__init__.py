@@ -1,0 +1,1 @@
+"""Models by name (torchvision, timm, a user factory), checkpoints read safely, state dicts checked."""

@@ -1,0 +1,2 @@
+"""Modules and their arithmetic: the depthwise-separable layers, the kernel factorization that fits
+them, parameter and MAC counts, segmentation scores."""

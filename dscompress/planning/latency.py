@@ -1,0 +1,245 @@
+"""Per-layer latency tables: what each convertible layer would cost on the target runtime, by candidate.
+
+For each convertible layer the candidates are: keep it dense; depthwise-separable at ranks 1, 2,
+4 ... (in the form export writes); and, for a pair (:mod:`dscompress.planning.units`), the pair's channels
+pruned by a few ratios (rounded to 8), alone or with a rank. A layer's time is measured inside
+the model it runs in: the model is built with every unit at one candidate (all dense, all rank 2,
+all rank 1 with the pairs pruned 25% ...) and profiled on the runtime
+(:func:`~dscompress.deploy.profile.profile`: ONNX Runtime's profiler, or hooks in PyTorch), which gives
+every layer's time at that candidate at once.
+
+Why not time each candidate alone? Measured on resnet18 at 3x224x224 on ONNX Runtime CPU, a conv
+timed in isolation ran 15-25% faster than the same conv inside the model (its weights stay in
+cache between runs, and the model's fused BatchNorm, ReLU and residual add are not there), and
+the error does not cancel between dense and depthwise-separable candidates: predictions from
+isolated timings were 18-60% too slow. Inside the model the prediction is within a few percent
+(BENCHMARKS.md). Profiles are cached on disk, keyed by runtime, device, library versions,
+threads, batch and the built model's architecture, so asking again is instant.
+
+A whole model's latency is predicted as the rest (the dense model's measured time minus its
+convertible layers' times) plus the chosen candidates' times. Each profile's layer times are
+scaled to sum to that model's time measured without the profiler: the profiler's own cost per
+kernel (a large part of small layers, and depthwise-separable layers run twice the kernels) would
+otherwise be charged to the layers, and on a small model the rest came out negative (a tiny net
+at 3x64x64 then "reached" a 50x target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dscompress.compress.convert import convertible
+from dscompress.core.config import Record
+from dscompress.core.errors import DscompressError
+from dscompress.core.util import QUIET, Progress, eval_mode, torch_threads, write_json
+from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
+from dscompress.planning.units import Option, Unit, build, find_units, layout_of, pair_channels
+
+CACHE_ENV = "DSCOMPRESS_CACHE"
+CACHE_VERSION = 2
+
+
+def default_cache() -> str:
+    """``$DSCOMPRESS_CACHE``, else ``~/.cache/dscompress/latency.json``."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dscompress", "latency.json")
+
+
+def device_name(runtime: str) -> str:
+    """What the runtime runs on, as precisely as the machine says (the CPU model or the GPU)."""
+    if runtime.endswith(("cuda", "trt")) and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def candidate_key(rank: int | None, prune: float = 0.0) -> str:
+    """``dense``, ``rank-2``, ``dense@prune-0.5``, ``rank-1@prune-0.25``: a layer's candidate (``@``
+    the share of its pair's channels pruned, on its outputs or on its inputs)."""
+    name = "dense" if rank is None else f"rank-{rank}"
+    return f"{name}@prune-{prune:g}" if prune else name
+
+
+def architecture(model: nn.Module) -> str:
+    """A digest of the model's modules and tensor shapes (not their values)."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(f"{name}:{type(module).__name__}:{module.extra_repr()}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+    return digest.hexdigest()[:24]
+
+
+class Timer:
+    """Times models and profiles their layers on one runtime; profiles are cached on disk.
+
+    Args:
+        runtime: ``ort-cpu``, ``ort-cuda``, ``ort-trt``, ``torch-cpu`` or ``torch-cuda``.
+        batch_size: images per run.
+        threads: CPU threads (default: torch's current number).
+        cache: the cache file (default :func:`default_cache`); ``False`` keeps nothing.
+        warmup, iters: untimed and timed runs; a time is the median.
+    """
+
+    def __init__(self, runtime: str = "ort-cpu", batch_size: int = 1, threads: int | None = None, cache: str | bool | None = None,
+                 warmup: int = 5, iters: int = 30):
+        if runtime not in RUNTIMES:
+            raise DscompressError(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
+        self.runtime, self.batch_size = runtime, batch_size
+        self.threads = threads or torch.get_num_threads()
+        self.cache_path = None if cache is False else (cache or default_cache())
+        self.warmup, self.iters = warmup, iters
+        self.context = {
+            "runtime": runtime, "device": device_name(runtime), "threads": self.threads, "batch": batch_size,
+            "torch": torch.__version__, "onnxruntime": _ort_version(), "version": CACHE_VERSION,
+        }
+        self.entries: dict[str, dict] = {}
+        self.measured = 0
+        if self.cache_path and os.path.isfile(self.cache_path):
+            try:
+                with open(self.cache_path) as f:
+                    self.entries = json.load(f)
+            except (OSError, ValueError):
+                self.entries = {}  # a damaged cache is measured again
+
+    def key(self, model: nn.Module, input_size) -> str:
+        text = json.dumps({**self.context, "architecture": architecture(model), "input": list(input_size)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def layer_times(self, model: nn.Module, input_size) -> dict:
+        """``{"total": ms, "layers": {name: ms}}``: the model's time (no profiler) and each layer's
+        inside it (cached)."""
+        key = self.key(model, input_size)
+        if key not in self.entries:
+            with torch_threads(self.threads):
+                record = profile(model, input_size, self.config())
+            self.entries[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
+            self.measured += 1
+        return self.entries[key]
+
+    def time_module(self, model: nn.Module, input_size) -> float:
+        """The model's median ms per run, measured now (not cached, no profiler): for checking a prediction."""
+        with torch_threads(self.threads):
+            return time_model(model, input_size, self.config())
+
+    def config(self) -> ProfileConfig:
+        return ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters)
+
+    def save(self) -> None:
+        if self.cache_path and self.measured:
+            write_json(self.cache_path, self.entries)
+            self.measured = 0
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+@dataclass
+class LayerLatency(Record):
+    """One convertible layer's candidates: milliseconds per run (all its calls) inside the model, by
+    :func:`candidate_key`."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    ms: dict[str, float]
+
+
+@dataclass
+class LatencyRecord(Record):
+    """A latency table: the whole model's time, the rest beside its convertible layers, and each
+    layer's candidates, on one runtime at one batch size."""
+
+    runtime: str
+    device: str
+    batch_size: int
+    threads: int
+    input_size: list[int]
+    total_ms: float
+    rest_ms: float
+    layers: list[LayerLatency] = field(default_factory=list)
+
+    def predict(self, chosen: dict[str, str] | None = None) -> float:
+        """The whole model's ms with a candidate per layer (:func:`candidate_key` by layer name; others dense)."""
+        chosen = chosen or {}
+        return self.rest_ms + sum(layer.ms[chosen.get(layer.name, "dense")] for layer in self.layers)
+
+    def layer(self, name: str) -> LayerLatency:
+        return next(layer for layer in self.layers if layer.name == name)
+
+
+def latency_table(
+    model: nn.Module,
+    input_size,
+    runtime: str = "ort-cpu",
+    batch_size: int = 1,
+    ranks: Iterable[int] = (1, 2, 4),
+    prune_ratios: Iterable[float] = (0.25, 0.5),
+    round_to: int = 8,
+    timer: Timer | None = None,
+    progress: Progress = QUIET,
+) -> LatencyRecord:
+    """Every convertible layer's candidates, timed inside the model on ``runtime``.
+
+    Args:
+        model: a dense model (its KxK convs are the layers); not modified.
+        input_size: (C, H, W) the model runs at.
+        timer: the :class:`Timer` to use (its runtime and batch win); default one with the cache.
+
+    The model is built and profiled once per (rank, prune ratio): with ranks (1, 2, 4) and two
+    prune ratios, 12 profiles.
+    """
+    timer = timer or Timer(runtime, batch_size)
+    input_size = tuple(int(v) for v in input_size)
+    ranks, prune_ratios = list(ranks), [0.0] + list(prune_ratios)
+    with eval_mode(model):
+        calls = convertible(model, input_size)
+        units = find_units(model, input_size, calls)
+        pairs = any(unit.is_pair for unit in units)
+        times: dict[str, dict[str, float]] = {name: {} for unit in units for name in unit.layers}  # a pair's consumer may not be convertible
+        kinds = [(rank, ratio) for ratio in prune_ratios for rank in [None] + ranks if ratio == 0 or pairs]
+        progress.start(f"latency table on {timer.runtime}", len(kinds))
+        total = None
+        for rank, ratio in kinds:
+            options = [_uniform(unit, calls, rank, ratio) for unit in units]
+            kept = [pair_channels(model, unit, option.prune, round_to) if unit.is_pair else None for unit, option in zip(units, options)]
+            built, _ = build(model, layout_of(units, options, kept))
+            measured = timer.layer_times(built, input_size)
+            scale = measured["total"] / max(sum(measured["layers"].values()), 1e-12)  # to the time without the profiler
+            if rank is None and ratio == 0:
+                total = measured["total"]
+            for unit, option in zip(units, options):
+                if ratio and not unit.is_pair:
+                    continue
+                for layer, layer_rank in zip(unit.layers, option.ranks):
+                    if layer in times:
+                        times[layer][candidate_key(layer_rank, option.prune)] = measured["layers"][layer] * scale
+            progress.advance(1, candidate_key(rank, ratio))
+        progress.stop()
+    timer.save()
+    layers = [LayerLatency(name, model.get_submodule(name).in_channels, model.get_submodule(name).out_channels,
+                           {k: round(v, 5) for k, v in times[name].items()}) for name in times]
+    rest = total - sum(layer.ms["dense"] for layer in layers)
+    return LatencyRecord(timer.runtime, timer.context["device"], timer.batch_size, timer.threads, list(input_size),
+                         round(total, 5), round(rest, 5), layers)
+
+
+def _uniform(unit: Unit, calls: dict, rank: int | None, ratio: float) -> Option:
+    """The option giving every convertible layer of the unit ``rank`` and a pair ``ratio``."""
+    return Option(tuple(rank if layer in calls else None for layer in unit.layers), ratio if unit.is_pair else 0.0)

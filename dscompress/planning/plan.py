@@ -1,0 +1,643 @@
+"""Planning: for a target speed-up on a runtime, choose what each layer becomes.
+
+``plan(model, input_size, config, batches)`` chooses per *unit*, minimising the predicted damage
+subject to the predicted latency meeting the budget. A unit is a conv whose output channels feed
+one other conv alone (a pair: ``layer1.0.conv1`` -> ``layer1.0.conv2`` in a ResNet block), where
+the pair's channels can be pruned without touching the rest of the model; or a single convertible
+conv. A unit's options are every combination of keep dense / depthwise-separable at rank r for
+each of its layers, and, for a pair, pruning its channels by a ratio (rounded to ``round_to``):
+``dense``, ``rank-2``, ``prune-0.5``, ``rank-1+prune-0.25`` per layer.
+
+* **Latency** of an option: its layers' times inside the model built with every unit at that
+  option, on the runtime (:class:`~dscompress.planning.latency.Timer`, cached on disk) and scaled to the
+  original as timed when planning; the model's latency is the rest (what the table does not
+  vary) plus its units' (:mod:`dscompress.planning.latency`).
+* **Damage** of an option: the option applied alone to the model, its layers refitted to the
+  original's outputs by least squares (:func:`~dscompress.compress.calibrate.refit_layer`), and the KL
+  divergence of the model's output from the original's, averaged over held-out images (the
+  training images after those used for calibration). Damages are taken as additive over units;
+  BENCHMARKS.md checks how well that, and training-free damage, predict accuracy.
+* **The solver** is a multiple-choice knapsack solved exactly by dynamic programming over the
+  latency budget discretised into :data:`RESOLUTION` steps (costs rounded up, so a plan never
+  exceeds its budget by rounding). A Lagrangian search would be faster for many units, but
+  CNNs have tens of units and a few dozen options each: the exact solution costs milliseconds,
+  and it has no duality gap to explain.
+
+The plan is then built and timed side by side with the original on the runtime. If the measured
+latency is off the target by more than :data:`TOLERANCE` either way (slower misses it; faster gives
+away accuracy), the units' times are scaled by what was measured and the plan solved again (at
+most ``rounds`` times, :func:`search`). Because damages are not quite additive, the plan is then
+checked against the uniform plans a user would otherwise pick (every layer at one rank, every pair
+pruned by one ratio) that also meet the target, measured: each is calibrated as a whole
+(:func:`~dscompress.compress.calibrate.calibrate`) and the least damaging on the held-out images is kept
+(the record lists them all). If the candidates cannot reach the target, the error says how fast
+the fastest plan would be.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dscompress.compress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, refit_layer
+from dscompress.compress.convert import convertible, set_submodule
+from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
+from dscompress.core.errors import DscompressError
+from dscompress.core.util import QUIET, Progress, eval_mode, write_json
+from dscompress.data.datasets import DataSpec
+from dscompress.deploy.profile import Runtime
+from dscompress.nn.metrics import count_macs
+from dscompress.planning.latency import Timer, candidate_key, default_cache, latency_table
+from dscompress.planning.units import (
+    Option,
+    apply_option,
+    build,
+    find_units,
+    layout_of,
+    option_channels,
+    pair_channels,
+    unit_options,
+)
+
+# The latency (or MAC) budget is split into this many steps for the solver.
+RESOLUTION = 2000
+# A measured speed-up this much below the target makes the plan be solved again.
+TOLERANCE = 0.10
+
+
+@dataclass
+class PlanConfig(StepConfig):
+    """What to plan for. Exactly one of ``speedup``, ``latency_ms`` and ``macs_budget`` is the target."""
+
+    STEP: ClassVar[str] = "plan"
+
+    data: str | None = option(None, "Images: the train split calibrates and measures damage, the test split gives top-1.", metavar="SPEC")
+    runtime: Runtime = option("ort-cpu", "Where the model will run: ort-cpu, ort-cuda, ort-trt (fp16), torch-cpu or torch-cuda.")
+    speedup: float | None = option(None, "Target: this many times faster than the original on the runtime (measured).")
+    latency_ms: float | None = option(None, "Target: at most this many milliseconds per run on the runtime.")
+    macs_budget: float | None = option(None, "Target: keep this share (0-1] of the model's MACs (no timing).")
+    latency_batch: int = option(1, "Images per run on the runtime: the latency target is for this batch.")
+    latency_input_size: list[int] | None = option(
+        None, "C,H,W of the images the model will run on, if not those it was trained at: latency is timed at this size.", metavar="C,H,W"
+    )
+    ranks: list[int] = option(factory=lambda: [1, 2, 4], help="Depthwise-separable ranks to choose from.")
+    prune_ratios: list[float] = option(factory=lambda: [0.25, 0.5], help="Shares of a pair's channels that may be pruned.")
+    round_to: int = option(8, "Pruned channel counts are multiples of this (ONNX Runtime's fast kernels need multiples of 4).")
+    batches: int = option(16, "Batches of calibration images for the planned model (as calibrate --batches).")
+    damage_batches: int = option(8, "Of those, the batches that refit each option when its damage is measured alone (fewer: faster, coarser).")
+    batch_size: int = option(32, "Images per calibration batch.")
+    held_out: int = option(256, "Training images after the calibration ones on which damage is measured.")
+    bn: bool = option(True, "Re-estimate the BatchNorm statistics when calibrating the planned model.")
+    rounds: int = option(3, "Plans solved again, with the measured latency, when the measured speed-up misses the target.")
+    seed: int = option(0, "Which images are drawn.")
+    device: str = option("auto", "Where calibration computes: auto, cpu or cuda.")
+
+    def check(self):
+        chosen = [k for k in ("speedup", "latency_ms", "macs_budget") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ConfigError(None, "give one target: --speedup S, --latency-ms L or --macs-budget F")
+        check_range("speedup", self.speedup, low=1, low_open=True)
+        check_range("latency_ms", self.latency_ms, low=0, low_open=True)
+        check_range("macs_budget", self.macs_budget, 0, 1, low_open=True)
+        check_range("latency_batch", self.latency_batch, low=1)
+        if self.latency_input_size is not None and (len(self.latency_input_size) != 3 or min(self.latency_input_size) < 1):
+            raise ConfigError("latency_input_size", f"must be C,H,W with positive values, got {self.latency_input_size}")
+        for rank in self.ranks:
+            check_range("ranks", rank, low=1)
+        for ratio in self.prune_ratios:
+            check_range("prune_ratios", ratio, 0, 1, low_open=True, high_open=True)
+        check_range("round_to", self.round_to, low=1)
+        check_range("batches", self.batches, low=1)
+        check_range("damage_batches", self.damage_batches, low=1)
+        check_range("batch_size", self.batch_size, low=2 if self.bn else 1)
+        check_range("held_out", self.held_out, low=1)
+        check_range("rounds", self.rounds, low=1)
+        if self.data is not None:
+            self.data = str(DataSpec.parse(self.data))
+
+
+# --- costs ---------------------------------------------------------------------------------------
+
+
+def layer_macs(conv: nn.Conv2d, rank: int | None, in_channels: int, out_channels: int, out_pixels: int) -> int:
+    """MACs per image of a conv with these channels, dense or at ``rank``, over ``out_pixels``."""
+    kh, kw = conv.kernel_size
+    if rank is None:
+        return out_pixels * out_channels * in_channels * kh * kw
+    return out_pixels * in_channels * rank * (kh * kw + out_channels)
+
+
+# --- damage --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [F.log_softmax(model(x).double(), dim=1) for x in images]
+
+
+@torch.no_grad()
+def kl_damage(model: nn.Module, reference: list[torch.Tensor], images: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean KL(original || model) of the outputs (per image, or per pixel for per-pixel logits),
+    and the share (percent) of them where both pick the same class."""
+    total = agree = count = 0.0
+    for ref, x in zip(reference, images):
+        out = F.log_softmax(model(x).double(), dim=1)
+        kl = (ref.exp() * (ref - out)).sum(1)
+        total += float(kl.sum())
+        agree += float((ref.argmax(1) == out.argmax(1)).sum())
+        count += kl.numel()
+    return total / count, 100.0 * agree / count
+
+
+class DamageCache:
+    """Damages measured before, on disk beside the latency cache, keyed by the model's weights,
+    the unit, the option and the images."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.entries: dict[str, list[float]] = {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    self.entries = json.load(f)
+            except (OSError, ValueError):
+                self.entries = {}
+        self.changed = False
+
+    def save(self) -> None:
+        if self.path and self.changed:
+            write_json(self.path, self.entries)
+            self.changed = False
+
+
+def model_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+# --- the solver -----------------------------------------------------------------------------------
+
+
+def solve(costs: list[list[float]], damages: list[list[float]], budget: float, resolution: int = RESOLUTION) -> list[int] | None:
+    """One option per unit, with total cost at most ``budget`` and the least total damage.
+
+    A multiple-choice knapsack, solved exactly by dynamic programming over the budget split into
+    ``resolution`` steps; each cost is rounded up to whole steps, so the choice never exceeds the
+    budget. Returns the chosen option of each unit, or None when no choice fits.
+    """
+    if budget < 0:
+        return None
+    step = budget / resolution if budget > 0 else 1.0
+    best = np.zeros(resolution + 1)  # least damage with a cost of at most b steps
+    back = []
+    for unit_costs, unit_damages in zip(costs, damages):
+        new = np.full(resolution + 1, np.inf)
+        arg = np.full(resolution + 1, -1, dtype=np.int64)
+        for index, (cost, damage) in enumerate(zip(unit_costs, unit_damages)):
+            steps = int(math.ceil(cost / step - 1e-9)) if cost > 0 else 0
+            if steps > resolution:
+                continue
+            candidate = np.full(resolution + 1, np.inf)
+            candidate[steps:] = best[: resolution + 1 - steps] + damage
+            better = candidate < new
+            new[better], arg[better] = candidate[better], index
+        best = new
+        back.append((arg, [int(math.ceil(c / step - 1e-9)) if c > 0 else 0 for c in unit_costs]))
+    if not np.isfinite(best[resolution]):
+        return None
+    chosen, b = [], resolution
+    for arg, steps in reversed(back):
+        index = int(arg[b])
+        chosen.append(index)
+        b -= steps[index]
+    return list(reversed(chosen))
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedLayer(Record):
+    """One layer of the plan: what it becomes, its channels then, and its predicted time (ms per run)."""
+
+    name: str
+    choice: str
+    in_channels: int
+    out_channels: int
+    predicted_ms: float | None
+    macs: int
+
+
+@dataclass
+class PlannedUnit(Record):
+    """One unit: its option's predicted time and damage (KL of the output, alone, refitted)."""
+
+    layers: list[str]
+    choice: list[str]
+    predicted_ms: float | None
+    damage: float
+    agreement: float
+
+
+@dataclass
+class PlanRound(Record):
+    """One solve: the budget the units got (in the table's ms), the plan's latency predicted by the
+    table and as measured (ms; MACs with a MAC budget), and ``scale``, the correction of the units'
+    table time measured in the round before that set this round's budget."""
+
+    budget_ms: float
+    predicted_ms: float
+    measured_ms: float | None
+    scale: float = 1.0
+
+
+@dataclass
+class PlanCandidate(Record):
+    """A whole plan checked before choosing: the knapsack's (``plan``) or a uniform one
+    (``uniform rank-2``, ``uniform prune-0.5``); its measured latency (ms; MACs with a MAC budget)
+    and, if it met the target, its damage and top-1 agreement once calibrated as a whole."""
+
+    label: str
+    measured: float
+    damage: float | None = None
+    agreement: float | None = None
+    chosen: bool = False
+
+
+@dataclass
+class PlanRecord(Record):
+    """What :func:`plan` chose and what it measured.
+
+    Speed-ups are original / planned on ``runtime`` at batch ``latency_batch`` (``predicted``
+    from the latency table, ``measured`` side by side); with a MAC budget they are MAC ratios.
+    ``original_ms`` is the original timed when planning; the latency table's times (cached, its own
+    original at ``table_original_ms``) are scaled by their ratio.
+    ``damage_predicted`` is the sum of the chosen options' damages, ``damage_measured`` the planned
+    and calibrated model's own, on the same held-out images; top-1 on the data's test split
+    (None without labels).
+    """
+
+    config: dict
+    input_size: list[int]
+    runtime: str
+    device: str
+    target: str
+    original_ms: float | None
+    predicted_ms: float | None
+    measured_ms: float | None
+    predicted_speedup: float
+    measured_speedup: float | None
+    macs_before: int
+    macs_after: int
+    layers: list[PlannedLayer]
+    units: list[PlannedUnit]
+    damage_predicted: float
+    damage_measured: float
+    agreement_measured: float
+    rounds: list[PlanRound] = field(default_factory=list)
+    candidates: list[PlanCandidate] = field(default_factory=list)
+    top1_before: float | None = None
+    top1_after: float | None = None
+    calibration: CalibrationRecord | None = None
+    plan: dict = field(default_factory=dict)
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    table_original_ms: float | None = None
+
+
+def uniform_plans(options: list[list[Option]]) -> dict[str, list[int]]:
+    """The plans a user would pick without a planner, as an option index per unit: every
+    convertible layer at one rank, or every pair's channels pruned by one ratio (the rest dense)."""
+    ranks = sorted({r for unit_choices in options for o in unit_choices for r in o.ranks if r is not None})
+    ratios = sorted({o.prune for unit_choices in options for o in unit_choices if o.prune})
+    plans = {}
+    for label, rank, ratio in [(f"uniform rank-{r}", r, 0.0) for r in ranks] + [(f"uniform prune-{p:g}", None, p) for p in ratios]:
+        picked = []
+        for unit_choices in options:
+            convertible = {i for o in unit_choices for i, r in enumerate(o.ranks) if r is not None}
+            ranks_wanted = tuple(rank if i in convertible else None for i in range(len(unit_choices[0].ranks)))
+            prune_wanted = ratio if any(o.prune == ratio for o in unit_choices) else 0.0
+            picked.append(next(i for i, o in enumerate(unit_choices) if o.ranks == ranks_wanted and o.prune == prune_wanted))
+        plans[label] = picked
+    return plans
+
+
+def search(costs: list[list[float]], damages: list[list[float]], target: float, rest: float,
+           measure: Callable[[list[int]], float], rounds: int, tolerance: float = TOLERANCE) -> tuple[list[int], PlanRound, list[PlanRound]]:
+    """Solve, measure, solve again until the measured cost is within ``tolerance`` of ``target``.
+
+    The table's per-unit costs do not add up exactly to a whole model's (ONNX Runtime fuses and
+    schedules differently across layers), and the error runs both ways: a plan measured slower than
+    the target misses it, one measured faster gives away accuracy for speed nobody asked for. Each
+    round scales the units' costs by what the round before measured, ``(measured - rest) / units``,
+    and solves again; it stops when a plan lands within the tolerance, repeats itself, or no plan
+    fits. The plan kept is the least damaging one measured within ``target * (1 + tolerance)``,
+    else the fastest measured.
+
+    Args:
+        costs, damages: per unit, per option (see :func:`solve`); ``rest``: the cost of the layers
+            no option changes; ``measure``: the measured cost of a plan (one option index per unit).
+
+    Returns:
+        (the option index per unit, the round that measured it, all rounds in order).
+    """
+    tried, scale = [], 1.0
+    for _ in range(rounds):
+        budget = (target - rest) / scale
+        picked = solve(costs, damages, budget)
+        if picked is None or any(picked == t[0] for t in tried):
+            break
+        units_cost = sum(c[i] for c, i in zip(costs, picked))
+        measured = measure(picked)
+        tried.append((picked, PlanRound(round(budget, 5), round(rest + units_cost, 5), round(measured, 5), round(scale, 4))))
+        if abs(measured - target) <= tolerance * target:
+            break
+        scale = max(measured - rest, 1e-9) / max(units_cost, 1e-9)
+    if not tried:
+        raise DscompressError("no plan fits the budget once corrected by the measured latency; lower the target")
+    met = [t for t in tried if t[1].measured_ms <= target * (1 + tolerance)]
+    if met:
+        chosen, final = min(met, key=lambda t: sum(d[i] for d, i in zip(damages, t[0])))
+    else:
+        chosen, final = min(tried, key=lambda t: t[1].measured_ms)
+    return chosen, final, [t[1] for t in tried]
+
+
+def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=None, timer: Timer | None = None,
+         progress: Progress = QUIET) -> tuple[nn.Module, PlanRecord]:
+    """Plan, build, calibrate and measure ``model`` for ``config``'s target.
+
+    Args:
+        model: the dense model to compress (trained); not modified.
+        input_size: (C, H, W).
+        batches: training image batches (N, C, H, W) or (images, labels) pairs: the first
+            ``config.batches`` calibrate, the next ``held_out`` images measure damage.
+        test_data: a DataLoader of (images, labels) for top-1 before and after, or None.
+        timer: where latency is measured (default: a :class:`~dscompress.planning.latency.Timer` for the
+            config's runtime and batch, cached on disk).
+
+    Returns:
+        (the planned, calibrated model, the record).
+    """
+    start = time.perf_counter()
+    input_size = tuple(int(v) for v in input_size)
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    calibration, held_out = _split_batches(batches, config)
+    by_mac = config.macs_budget is not None
+    timer = None if by_mac else (timer or Timer(config.runtime, config.latency_batch))
+    cost_size = tuple(config.latency_input_size or input_size)  # where latency (or MACs) is counted
+    calls = convertible(model, input_size)
+    if not calls:
+        raise DscompressError("nothing to plan: the model has no conv that conversion takes (see `dscompress convert` for why each is skipped)")
+    units = find_units(model, input_size, calls)
+    options = [unit_options(u, calls, config.ranks, config.prune_ratios) for u in units]
+    macs_before = count_macs(model, input_size)
+    pixels = _out_pixels(model, cost_size, [n for u in units for n in u.layers])
+
+    # costs: predicted ms (or MACs) of every option's layers
+    table = None
+    if timer:
+        table = latency_table(model, cost_size, timer=timer, ranks=config.ranks, prune_ratios=config.prune_ratios,
+                              round_to=config.round_to, progress=progress)
+    costs, per_layer = [], []
+    for unit, unit_options_ in zip(units, options):
+        unit_costs, unit_layers = [], []
+        for choice in unit_options_:
+            values = []
+            for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, option_channels(model, unit, choice, config.round_to))):
+                rank = choice.ranks[position]
+                if table:
+                    values.append(table.layer(layer).ms[candidate_key(rank, choice.prune)])
+                else:
+                    values.append(layer_macs(model.get_submodule(layer), rank, cin, cout, pixels[layer]))
+            unit_costs.append(sum(values))
+            unit_layers.append(values)
+        costs.append(unit_costs)
+        per_layer.append(unit_layers)
+    if table:
+        # The table may have been measured long before (it is cached) on a machine whose speed
+        # drifts (20% was seen here within an hour): the original is timed now, as each plan is,
+        # and the table's times are scaled to it.
+        original_ms = timer.time_module(model, cost_size)
+        now = original_ms / table.total_ms
+        costs = [[c * now for c in unit_costs] for unit_costs in costs]
+        per_layer = [[[v * now for v in values] for values in unit_layers] for unit_layers in per_layer]
+    dense_sum = sum(c[0] for c in costs)  # option 0 is all dense, unpruned
+    if table:
+        rest = original_ms - dense_sum
+        target_ms = original_ms / config.speedup if config.speedup else config.latency_ms
+    else:
+        original_ms = None
+        cost_macs = count_macs(model, cost_size)
+        rest = cost_macs - dense_sum
+        target_ms = cost_macs * config.macs_budget
+    fastest = rest + sum(min(c) for c in costs)
+    if fastest > target_ms:
+        what = f"{config.speedup:g}x" if config.speedup else (f"{config.latency_ms:g} ms" if config.latency_ms else f"{config.macs_budget:g} of the MACs")
+        reach = (f"the fastest plan these candidates allow is predicted at {fastest:.3f} ms ({original_ms / fastest:.2f}x); "
+                 f"the layers plans cannot change leave at most {original_ms / max(rest, 1e-9):.2f}x") if timer else (
+                 f"the smallest plan keeps {fastest / cost_macs:.3f} of the MACs")
+        raise DscompressError(f"cannot reach {what} on {config.runtime if timer else 'MACs'}: {reach}; add lower ranks or prune ratios, or lower the target")
+
+    # damages: each option alone, refitted, against the original on held-out images
+    damages, agreements, kept_of = _damages(model, units, options, calibration[: config.damage_batches], held_out, config, progress)
+
+    def layout(picked):
+        """The plan layout of one option index per unit."""
+        return layout_of(units, [o[i] for o, i in zip(options, picked)], [k[i] for k, i in zip(kept_of, picked)])
+
+    def measure(picked):
+        """The plan's MACs, or its time measured side by side with the original's, in the units of
+        ``original_ms`` (times drift between rounds)."""
+        planned, _ = build(model, layout(picked))
+        if not timer:
+            return count_macs(planned, cost_size)
+        planned_ms = timer.time_module(planned, cost_size)
+        return planned_ms * original_ms / timer.time_module(model, cost_size)
+
+    chosen, final, rounds = search(costs, damages, target_ms, rest, measure, 1 if by_mac else config.rounds)
+
+    # The units' damages do not add up exactly (measured: a whole plan's is 1.1-2.3x their sum, and
+    # not in the same order), so the plan is checked against what a user would pick without a
+    # planner: each uniform rank and each uniform prune ratio that also meets the target, measured.
+    # Each is calibrated as a whole and the least damaging on the held-out images is kept.
+    pool = [PlanCandidate("plan", round(final.measured_ms, 5))]
+    picks = {"plan": chosen}
+    for label, picked in uniform_plans(options).items():
+        if picked != chosen:
+            pool.append(PlanCandidate(label, round(measure(picked), 5)))
+            picks[label] = picked
+    limit = target_ms * (1 + TOLERANCE) if timer else target_ms
+    reference = _log_probs(model, held_out)
+    calibrate_config = CalibrateConfig(data=config.data, batches=config.batches, batch_size=config.batch_size, bn=config.bn,
+                                       seed=config.seed, device=config.device)
+    best = None
+    for candidate in pool:
+        if candidate.label != "plan" and candidate.measured > limit:
+            continue
+        picked = picks[candidate.label]
+        planned, kept = build(model, layout(picked))
+        calibrated, calibration_record = calibrate(planned, model, calibration, calibrate_config, kept=kept, progress=progress)
+        calibrated = calibrated.cpu()
+        candidate.damage, candidate.agreement = (round(v, 6) for v in kl_damage(calibrated, reference, held_out))
+        meets = candidate.measured <= limit
+        if best is None or (meets, -candidate.damage) > (best[0].measured <= limit, -best[0].damage):
+            best = (candidate, picked, calibrated, calibration_record, kept)
+    winner, chosen, calibrated, calibration_record, kept = best
+    winner.chosen = True
+    picked_options = [o[i] for o, i in zip(options, chosen)]
+    plan_layout = layout(chosen)
+    damage_measured, agreement_measured = winner.damage, winner.agreement
+    measured = winner.measured
+    predicted = round(rest + sum(c[i] for c, i in zip(costs, chosen)), 5)
+    layers = []
+    for unit, choice, index, values in zip(units, picked_options, chosen, per_layer):
+        channels = option_channels(model, unit, choice, config.round_to)
+        for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, channels)):
+            layers.append(PlannedLayer(layer, choice.label(position), cin, cout,
+                                       round(values[index][position], 5) if timer else None,
+                                       layer_macs(model.get_submodule(layer), choice.ranks[position], cin, cout, pixels[layer])))
+    record = PlanRecord(
+        config=config.to_dict(),
+        input_size=list(input_size),
+        runtime=config.runtime if timer else "macs",
+        device=table.device if table else "-",
+        target=(f"{config.speedup:g}x" if config.speedup else f"{config.latency_ms:g} ms") if timer else f"{config.macs_budget:g} of the MACs",
+        original_ms=round(original_ms, 5) if timer else None,
+        predicted_ms=predicted if timer else None,
+        measured_ms=measured if timer else None,
+        predicted_speedup=round((original_ms if timer else cost_macs) / predicted, 4),
+        measured_speedup=round((original_ms if timer else cost_macs) / measured, 4) if measured else None,
+        macs_before=macs_before,
+        macs_after=count_macs(calibrated, input_size),
+        layers=layers,
+        units=[PlannedUnit(u.layers, [o[i].label(p) for p in range(len(u.layers))], round(c[i], 5) if timer else None,
+                           round(d[i], 6), round(a[i], 3))
+               for u, o, i, c, d, a in zip(units, options, chosen, costs, damages, agreements)],
+        damage_predicted=round(sum(d[i] for d, i in zip(damages, chosen)), 6),
+        damage_measured=round(damage_measured, 6),
+        agreement_measured=round(agreement_measured, 3),
+        rounds=rounds,
+        candidates=pool,
+        calibration=calibration_record,
+        plan=plan_layout,
+        kept=kept,
+        seconds=0.0,
+        table_original_ms=round(table.total_ms, 5) if table else None,
+    )
+    if timer and record.measured_speedup and config.speedup and record.measured_speedup < config.speedup * (1 - TOLERANCE):
+        record.notes.append(f"measured {record.measured_speedup:.2f}x misses the target {config.speedup:g}x by more than {TOLERANCE:.0%} after {len(rounds)} round(s)")
+    if test_data is not None:
+        record.top1_before = _top1(model, test_data)
+        record.top1_after = _top1(calibrated, test_data)
+    record.seconds = round(time.perf_counter() - start, 2)
+    return calibrated, record
+
+
+def _split_batches(batches, config: PlanConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The calibration batches and the held-out ones (about ``held_out`` images) that follow."""
+    calibration, held_out, count = [], [], 0
+    for batch in batches:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if len(calibration) < config.batches:
+            calibration.append(images)
+        elif count < config.held_out:
+            held_out.append(images[: config.held_out - count])
+            count += len(held_out[-1])
+        else:
+            break
+    if not calibration or not held_out:
+        raise DscompressError(f"plan needs {config.batches} batches of calibration images and {config.held_out} more: the data has too few")
+    return calibration, held_out
+
+
+def _damages(model, units, options, calibration, held_out, config, progress):
+    """Damage and top-1 agreement of every option alone, with its layers refitted; and kept channels."""
+    cache = DamageCache(os.path.join(os.path.dirname(default_cache()), "damage.json"))
+    digest = hashlib.sha256(json.dumps({
+        "model": model_digest(model), "calibration": [float(x.sum()) for x in calibration], "held_out": [float(x.sum()) for x in held_out],
+        "round_to": config.round_to, "version": 1,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    reference = _log_probs(model, held_out)
+    work = copy.deepcopy(model)
+    damages, agreements, kept_of = [], [], []
+    progress.start("plan: damage of the candidates", sum(map(len, options)))
+    for unit, unit_options_ in zip(units, options):
+        saved = {n: work.get_submodule(n) for n in unit.layers + unit.norms}
+        unit_damage, unit_agreement, unit_kept = [], [], []
+        for choice in unit_options_:
+            kept = pair_channels(model, unit, choice.prune, config.round_to) if unit.is_pair else None
+            unit_kept.append(kept)
+            key = f"{digest}|{unit.name}|{choice.ranks}|{choice.prune}"
+            if key not in cache.entries:
+                if choice.ranks == tuple(None for _ in unit.layers) and not choice.prune:
+                    cache.entries[key] = [0.0, 100.0]
+                else:
+                    apply_option(work, unit, choice, kept)
+                    for position, layer in enumerate(unit.layers):
+                        converted = choice.ranks[position] is not None
+                        if converted or (position == 1 and kept is not None):  # a pruned producer keeps its kept rows
+                            refit_layer(work, model, layer, calibration, out_channels=kept if position == 0 else None)
+                    cache.entries[key] = list(kl_damage(work, reference, held_out))
+                    for name, module in saved.items():
+                        set_submodule(work, name, module)
+                cache.changed = True
+            damage, agreement = cache.entries[key]
+            unit_damage.append(damage)
+            unit_agreement.append(agreement)
+            progress.advance(1, unit.name)
+        damages.append(unit_damage)
+        agreements.append(unit_agreement)
+        kept_of.append(unit_kept)
+    progress.stop()
+    cache.save()
+    return damages, agreements, kept_of
+
+
+@torch.no_grad()
+def _top1(model: nn.Module, loader) -> float:
+    correct = total = 0
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for images, labels in loader:
+            logits = model(images.to(device))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            total += len(labels)
+    return round(100.0 * correct / max(total, 1), 4)
+
+
+def _out_pixels(model: nn.Module, input_size, names: list[str]) -> dict[str, int]:
+    """Output pixels per image of the named convs, over all their calls."""
+    pixels: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            pixels[name] = pixels.get(name, 0) + output.shape[-2] * output.shape[-1]
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pixels
