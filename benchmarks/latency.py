@@ -21,8 +21,8 @@ from dscompress.deploy.bench import machine
 from dscompress.deploy.profile import ProfileConfig, profile
 from dscompress.models.build import ModelSpec, build_model
 from dscompress.nn.metrics import count_macs
-from dscompress.planning.latency import Timer, candidate_key, latency_table
-from dscompress.planning.units import Option, build, find_units, layout_of, pair_channels
+from dscompress.planning.latency import Timer, latency_table
+from dscompress.planning.units import Option, build, candidate_name, find_units, layout_of, pair_channels
 
 
 def profiles(models: dict, size, batches: list[int], iters: int, runtime: str) -> None:
@@ -72,7 +72,7 @@ def predictions(model, size, timer: Timer) -> None:
     for label, choose in cases.items():
         options = [choose(unit) for unit in units]
         kept = [pair_channels(model, unit, option.prune, 8) for unit, option in zip(units, options)]
-        chosen = {layer: candidate_key(rank, option.prune) for unit, option in zip(units, options) for layer, rank in zip(unit.layers, option.ranks)}
+        chosen = {layer: candidate_name(rank, option.prune) for unit, option in zip(units, options) for layer, rank in zip(unit.layers, option.ranks)}
         predicted = table.predict(chosen)
         built, _ = build(model, layout_of(units, options, kept))
         measured = timer.time_module(built, size)

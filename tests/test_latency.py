@@ -9,8 +9,8 @@ from conftest import make_tiny
 
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.core.errors import DscompressError
-from dscompress.planning.latency import Timer, candidate_key, latency_table
-from dscompress.planning.units import round_channels
+from dscompress.planning.latency import Timer, latency_table
+from dscompress.planning.units import candidate_name, round_channels
 
 SIZE = (3, 64, 64)
 
@@ -28,7 +28,7 @@ def test_table_has_every_candidate_and_the_cache_is_hit(resnet, tmp_path):
     table = latency_table(resnet, SIZE, timer=first, ranks=(1, 2), prune_ratios=(0.5,))
     convs = [n for n, m in resnet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and n != "conv1"]
     assert [layer.name for layer in table.layers] == convs
-    assert set(table.layer("layer1.0.conv1").ms) == {"dense", "rank-1", "rank-2", "dense@prune-0.5", "rank-1@prune-0.5", "rank-2@prune-0.5"}
+    assert set(table.layer("layer1.0.conv1").ms) == {"dense", "rank-1", "rank-2", "prune-0.5", "rank-1+prune-0.5", "rank-2+prune-0.5"}
     assert all(v > 0 for layer in table.layers for v in layer.ms.values())
     assert table.rest_ms == pytest.approx(table.total_ms - sum(layer.ms["dense"] for layer in table.layers))
     begin = time.perf_counter()
@@ -55,7 +55,7 @@ def test_prediction_agrees_with_a_real_measurement(resnet):
     for _ in range(3):
         timer = Timer("ort-cpu", threads=1, cache=False, iters=30)
         table = latency_table(resnet, size, timer=timer, ranks=(1,), prune_ratios=())
-        predicted = table.predict({layer.name: candidate_key(1) for layer in table.layers})
+        predicted = table.predict({layer.name: candidate_name(1) for layer in table.layers})
         assert predicted < table.total_ms
         measured = timer.time_module(resnet, size) / timer.time_module(converted, size)
         tries.append((round(table.total_ms / predicted, 3), round(measured, 3)))

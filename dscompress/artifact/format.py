@@ -107,7 +107,7 @@ def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Te
             if cls is None:
                 raise DscompressError(f"artifact names an unknown layer type {entry['type']!r}; upgrade dscompress")
             args = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["args"].items()}
-            _set_module(model, name, cls(**args))
+            model.set_submodule(name, cls(**args))
         else:
             module = model.get_submodule(name)
             for attr, value in entry["attrs"].items():
@@ -129,10 +129,6 @@ def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Te
                 owner._buffers[attr] = replacement
     return model
 
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 # --- writing -----------------------------------------------------------------------------------

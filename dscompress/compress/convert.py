@@ -222,7 +222,7 @@ def convert_(
     for plan in plans:
         layer = DepthwiseSeparableConv2d.from_conv(plan.conv, plan.rank, plan.fitted, plan.kernel, plan.dilation, plan.padding)
         layers.append(_layer_record(plan, layer))
-        set_submodule(model, plan.name, layer)
+        model.set_submodule(plan.name, layer)
 
     return ConversionRecord(
         config=config.to_dict(),
@@ -247,11 +247,6 @@ def convertible(model: nn.Module, input_size, config: ConvertConfig | None = Non
     chosen, _ = _select(model, convs, functional, config, filter_fn)
     return {name: convs[name] for name in chosen}
 
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted ``name`` on its parent (``model`` itself for a top-level name)."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 # --- discovery ---------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def deploy_form(model: nn.Module) -> nn.Module:
         return model
     model = copy.deepcopy(model)
     for name in names:
-        _set(model, name, SplitDepthwiseSeparable(model.get_submodule(name)))
+        model.set_submodule(name, SplitDepthwiseSeparable(model.get_submodule(name)))
     for layer_name, norm_name in _followed_by_norm(model, set(names)):
         layer, norm = model.get_submodule(layer_name), model.get_submodule(norm_name)
         with torch.no_grad():
@@ -260,7 +260,7 @@ def deploy_form(model: nn.Module) -> nn.Module:
             for pointwise in layer.pointwise:
                 pointwise.weight.mul_(scale[:, None, None, None])
             first.bias = nn.Parameter(bias * scale + shift)
-        _set(model, norm_name, nn.Identity())
+        model.set_submodule(norm_name, nn.Identity())
     return model
 
 
@@ -292,10 +292,6 @@ class _LayerTracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
         return isinstance(module, (DepthwiseSeparableConv2d, SplitDepthwiseSeparable)) or super().is_leaf_module(module, name)
 
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def skip_reason(module: nn.Module, min_channels: int = MIN_CHANNELS) -> str | None:

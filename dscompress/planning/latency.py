@@ -41,10 +41,10 @@ from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, eval_mode, torch_threads, write_json
 from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
-from dscompress.planning.units import Option, Unit, build, find_units, layout_of, pair_channels
+from dscompress.planning.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
 
 CACHE_ENV = "DSCOMPRESS_CACHE"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def default_cache() -> str:
@@ -64,13 +64,6 @@ def device_name(runtime: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def candidate_key(rank: int | None, prune: float = 0.0) -> str:
-    """``dense``, ``rank-2``, ``dense@prune-0.5``, ``rank-1@prune-0.25``: a layer's candidate (``@``
-    the share of its pair's channels pruned, on its outputs or on its inputs)."""
-    name = "dense" if rank is None else f"rank-{rank}"
-    return f"{name}@prune-{prune:g}" if prune else name
 
 
 def architecture(model: nn.Module) -> str:
@@ -153,7 +146,7 @@ def _ort_version() -> str:
 @dataclass
 class LayerLatency(Record):
     """One convertible layer's candidates: milliseconds per run (all its calls) inside the model, by
-    :func:`candidate_key`."""
+    :func:`~dscompress.planning.units.candidate_name`."""
 
     name: str
     in_channels: int
@@ -176,7 +169,7 @@ class LatencyRecord(Record):
     layers: list[LayerLatency] = field(default_factory=list)
 
     def predict(self, chosen: dict[str, str] | None = None) -> float:
-        """The whole model's ms with a candidate per layer (:func:`candidate_key` by layer name; others dense)."""
+        """The whole model's ms with a candidate per layer (:func:`~dscompress.planning.units.candidate_name` by layer name; others dense)."""
         chosen = chosen or {}
         return self.rest_ms + sum(layer.ms[chosen.get(layer.name, "dense")] for layer in self.layers)
 
@@ -229,8 +222,8 @@ def latency_table(
                     continue
                 for layer, layer_rank in zip(unit.layers, option.ranks):
                     if layer in times:
-                        times[layer][candidate_key(layer_rank, option.prune)] = measured["layers"][layer] * scale
-            progress.advance(1, candidate_key(rank, ratio))
+                        times[layer][candidate_name(layer_rank, option.prune)] = measured["layers"][layer] * scale
+            progress.advance(1, candidate_name(rank, ratio))
         progress.stop()
     timer.save()
     layers = [LayerLatency(name, model.get_submodule(name).in_channels, model.get_submodule(name).out_channels,

@@ -52,18 +52,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from dscompress.compress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, refit_layer
-from dscompress.compress.convert import convertible, set_submodule
+from dscompress.compress.convert import convertible
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, eval_mode, write_json
 from dscompress.data.datasets import DataSpec
 from dscompress.deploy.profile import Runtime
 from dscompress.nn.metrics import count_macs
-from dscompress.planning.latency import Timer, candidate_key, default_cache, latency_table
+from dscompress.planning.latency import Timer, default_cache, latency_table
 from dscompress.planning.units import (
     Option,
+    Unit,
     apply_option,
     build,
+    candidate_name,
     find_units,
     layout_of,
     option_channels,
@@ -379,6 +381,23 @@ def search(costs: list[list[float]], damages: list[list[float]], target: float, 
     return chosen, final, [t[1] for t in tried]
 
 
+@dataclass
+class _Costs:
+    """Predicted cost of every option: ms on the runtime (scaled to the original as timed now) or
+    MACs when planning by MACs; ``by_unit[u][o]`` is unit ``u`` at option ``o``, ``by_layer[u][o]``
+    the same split over the unit's layers."""
+
+    by_unit: list[list[float]]
+    by_layer: list[list[list[float]]]
+    original: float  # the original's ms (or MACs) at the cost input size
+    rest: float  # what no plan changes: the original less its units' dense costs
+    target: float
+    table: object | None = None  # the LatencyRecord, when timed
+
+    def predicted(self, picked: list[int]) -> float:
+        return self.rest + sum(c[i] for c, i in zip(self.by_unit, picked))
+
+
 def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=None, timer: Timer | None = None,
          progress: Progress = QUIET) -> tuple[nn.Module, PlanRecord]:
     """Plan, build, calibrate and measure ``model`` for ``config``'s target.
@@ -401,63 +420,16 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     for p in model.parameters():
         p.requires_grad_(False)
     calibration, held_out = _split_batches(batches, config)
-    by_mac = config.macs_budget is not None
-    timer = None if by_mac else (timer or Timer(config.runtime, config.latency_batch))
+    timer = None if config.macs_budget is not None else (timer or Timer(config.runtime, config.latency_batch))
     cost_size = tuple(config.latency_input_size or input_size)  # where latency (or MACs) is counted
     calls = convertible(model, input_size)
     if not calls:
         raise DscompressError("nothing to plan: the model has no conv that conversion takes (see `dscompress convert` for why each is skipped)")
     units = find_units(model, input_size, calls)
     options = [unit_options(u, calls, config.ranks, config.prune_ratios) for u in units]
-    macs_before = count_macs(model, input_size)
     pixels = _out_pixels(model, cost_size, [n for u in units for n in u.layers])
-
-    # costs: predicted ms (or MACs) of every option's layers
-    table = None
-    if timer:
-        table = latency_table(model, cost_size, timer=timer, ranks=config.ranks, prune_ratios=config.prune_ratios,
-                              round_to=config.round_to, progress=progress)
-    costs, per_layer = [], []
-    for unit, unit_options_ in zip(units, options):
-        unit_costs, unit_layers = [], []
-        for choice in unit_options_:
-            values = []
-            for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, option_channels(model, unit, choice, config.round_to))):
-                rank = choice.ranks[position]
-                if table:
-                    values.append(table.layer(layer).ms[candidate_key(rank, choice.prune)])
-                else:
-                    values.append(layer_macs(model.get_submodule(layer), rank, cin, cout, pixels[layer]))
-            unit_costs.append(sum(values))
-            unit_layers.append(values)
-        costs.append(unit_costs)
-        per_layer.append(unit_layers)
-    if table:
-        # The table may have been measured long before (it is cached) on a machine whose speed
-        # drifts (20% was seen here within an hour): the original is timed now, as each plan is,
-        # and the table's times are scaled to it.
-        original_ms = timer.time_module(model, cost_size)
-        now = original_ms / table.total_ms
-        costs = [[c * now for c in unit_costs] for unit_costs in costs]
-        per_layer = [[[v * now for v in values] for values in unit_layers] for unit_layers in per_layer]
-    dense_sum = sum(c[0] for c in costs)  # option 0 is all dense, unpruned
-    if table:
-        rest = original_ms - dense_sum
-        target_ms = original_ms / config.speedup if config.speedup else config.latency_ms
-    else:
-        original_ms = None
-        cost_macs = count_macs(model, cost_size)
-        rest = cost_macs - dense_sum
-        target_ms = cost_macs * config.macs_budget
-    fastest = rest + sum(min(c) for c in costs)
-    if fastest > target_ms:
-        what = f"{config.speedup:g}x" if config.speedup else (f"{config.latency_ms:g} ms" if config.latency_ms else f"{config.macs_budget:g} of the MACs")
-        reach = (f"the fastest plan these candidates allow is predicted at {fastest:.3f} ms ({original_ms / fastest:.2f}x); "
-                 f"the layers plans cannot change leave at most {original_ms / max(rest, 1e-9):.2f}x") if timer else (
-                 f"the smallest plan keeps {fastest / cost_macs:.3f} of the MACs")
-        raise DscompressError(f"cannot reach {what} on {config.runtime if timer else 'MACs'}: {reach}; add lower ranks or prune ratios, or lower the target")
-
-    # damages: each option alone, refitted, against the original on held-out images
+    costs = _option_costs(model, units, options, pixels, cost_size, config, timer, progress)
+    _check_reachable(costs, config, timer)
     damages, agreements, kept_of = _damages(model, units, options, calibration[: config.damage_batches], held_out, config, progress)
 
     def layout(picked):
@@ -466,26 +438,123 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
 
     def measure(picked):
         """The plan's MACs, or its time measured side by side with the original's, in the units of
-        ``original_ms`` (times drift between rounds)."""
+        ``costs.original`` (times drift between rounds)."""
         planned, _ = build(model, layout(picked))
         if not timer:
             return count_macs(planned, cost_size)
-        planned_ms = timer.time_module(planned, cost_size)
-        return planned_ms * original_ms / timer.time_module(model, cost_size)
+        return timer.time_module(planned, cost_size) * costs.original / timer.time_module(model, cost_size)
 
-    chosen, final, rounds = search(costs, damages, target_ms, rest, measure, 1 if by_mac else config.rounds)
+    chosen, final, rounds = search(costs.by_unit, damages, costs.target, costs.rest, measure, 1 if timer is None else config.rounds)
+    pool, (chosen, calibrated, calibration_record, kept) = _against_uniform_plans(
+        model, options, chosen, final.measured_ms, layout, measure, calibration, held_out, costs.target, timer, config, progress)
+    winner = next(c for c in pool if c.chosen)
+    record = PlanRecord(
+        config=config.to_dict(),
+        input_size=list(input_size),
+        runtime=config.runtime if timer else "macs",
+        device=costs.table.device if costs.table else "-",
+        target=(f"{config.speedup:g}x" if config.speedup else f"{config.latency_ms:g} ms") if timer else f"{config.macs_budget:g} of the MACs",
+        original_ms=round(costs.original, 5) if timer else None,
+        predicted_ms=round(costs.predicted(chosen), 5) if timer else None,
+        measured_ms=winner.measured if timer else None,
+        predicted_speedup=round(costs.original / round(costs.predicted(chosen), 5), 4),
+        measured_speedup=round(costs.original / winner.measured, 4) if winner.measured else None,
+        macs_before=count_macs(model, input_size),
+        macs_after=count_macs(calibrated, input_size),
+        layers=_planned_layers(model, units, options, chosen, costs, pixels, config, timed=timer is not None),
+        units=[PlannedUnit(u.layers, [o[i].label(p) for p in range(len(u.layers))], round(c[i], 5) if timer else None,
+                           round(d[i], 6), round(a[i], 3))
+               for u, o, i, c, d, a in zip(units, options, chosen, costs.by_unit, damages, agreements)],
+        damage_predicted=round(sum(d[i] for d, i in zip(damages, chosen)), 6),
+        damage_measured=round(winner.damage, 6),
+        agreement_measured=round(winner.agreement, 3),
+        rounds=rounds,
+        candidates=pool,
+        calibration=calibration_record,
+        plan=layout(chosen),
+        kept=kept,
+        seconds=0.0,
+        table_original_ms=round(costs.table.total_ms, 5) if costs.table else None,
+    )
+    if timer and record.measured_speedup and config.speedup and record.measured_speedup < config.speedup * (1 - TOLERANCE):
+        record.notes.append(f"measured {record.measured_speedup:.2f}x misses the target {config.speedup:g}x by more than {TOLERANCE:.0%} after {len(rounds)} round(s)")
+    if test_data is not None:
+        record.top1_before = _top1(model, test_data)
+        record.top1_after = _top1(calibrated, test_data)
+    record.seconds = round(time.perf_counter() - start, 2)
+    return calibrated, record
 
-    # The units' damages do not add up exactly (measured: a whole plan's is 1.1-2.3x their sum, and
-    # not in the same order), so the plan is checked against what a user would pick without a
-    # planner: each uniform rank and each uniform prune ratio that also meets the target, measured.
-    # Each is calibrated as a whole and the least damaging on the held-out images is kept.
-    pool = [PlanCandidate("plan", round(final.measured_ms, 5))]
+
+def _option_costs(model: nn.Module, units: list[Unit], options: list[list[Option]], pixels: dict[str, int], cost_size,
+                  config: PlanConfig, timer: Timer | None, progress: Progress) -> _Costs:
+    """Every option's layers' cost: their times from the latency table (scaled to the original as
+    timed now), or their MACs without a timer; and the target in the same units."""
+    table = None
+    if timer:
+        table = latency_table(model, cost_size, timer=timer, ranks=config.ranks, prune_ratios=config.prune_ratios,
+                              round_to=config.round_to, progress=progress)
+    by_unit, by_layer = [], []
+    for unit, unit_options_ in zip(units, options):
+        unit_costs, unit_layers = [], []
+        for choice in unit_options_:
+            values = []
+            for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, option_channels(model, unit, choice, config.round_to))):
+                rank = choice.ranks[position]
+                if table:
+                    values.append(table.layer(layer).ms[candidate_name(rank, choice.prune)])
+                else:
+                    values.append(layer_macs(model.get_submodule(layer), rank, cin, cout, pixels[layer]))
+            unit_costs.append(sum(values))
+            unit_layers.append(values)
+        by_unit.append(unit_costs)
+        by_layer.append(unit_layers)
+    if table:
+        # The table may have been measured long before (it is cached) on a machine whose speed
+        # drifts (20% was seen here within an hour): the original is timed now, as each plan is,
+        # and the table's times are scaled to it.
+        original = timer.time_module(model, cost_size)
+        now = original / table.total_ms
+        by_unit = [[c * now for c in unit_costs] for unit_costs in by_unit]
+        by_layer = [[[v * now for v in values] for values in unit_layers] for unit_layers in by_layer]
+        target = original / config.speedup if config.speedup else config.latency_ms
+    else:
+        original = count_macs(model, cost_size)
+        target = original * config.macs_budget
+    dense_sum = sum(c[0] for c in by_unit)  # option 0 is all dense, unpruned
+    return _Costs(by_unit, by_layer, original, original - dense_sum, target, table)
+
+
+def _check_reachable(costs: _Costs, config: PlanConfig, timer: Timer | None) -> None:
+    """One line saying how close the fastest plan comes, when no plan meets the target."""
+    fastest = costs.rest + sum(min(c) for c in costs.by_unit)
+    if fastest <= costs.target:
+        return
+    what = f"{config.speedup:g}x" if config.speedup else (f"{config.latency_ms:g} ms" if config.latency_ms else f"{config.macs_budget:g} of the MACs")
+    if timer:
+        reach = (f"the fastest plan these candidates allow is predicted at {fastest:.3f} ms ({costs.original / fastest:.2f}x); "
+                 f"the layers plans cannot change leave at most {costs.original / max(costs.rest, 1e-9):.2f}x")
+    else:
+        reach = f"the smallest plan keeps {fastest / costs.original:.3f} of the MACs"
+    raise DscompressError(f"cannot reach {what} on {config.runtime if timer else 'MACs'}: {reach}; add lower ranks or prune ratios, or lower the target")
+
+
+def _against_uniform_plans(model: nn.Module, options: list[list[Option]], chosen: list[int], measured: float, layout, measure,
+                           calibration, held_out, target: float, timer: Timer | None, config: PlanConfig, progress: Progress):
+    """The plan against what a user would pick without a planner.
+
+    The units' damages do not add up exactly (measured: a whole plan's is 1.1-2.3x their sum, and
+    not in the same order), so each uniform rank and each uniform prune ratio that also meets the
+    target is measured too; each is calibrated as a whole and the least damaging on the held-out
+    images is kept. Returns (every candidate, the winner marked ``chosen``; and the winner's
+    (option indices, calibrated model, calibration record, kept channels)).
+    """
+    pool = [PlanCandidate("plan", round(measured, 5))]
     picks = {"plan": chosen}
     for label, picked in uniform_plans(options).items():
         if picked != chosen:
             pool.append(PlanCandidate(label, round(measure(picked), 5)))
             picks[label] = picked
-    limit = target_ms * (1 + TOLERANCE) if timer else target_ms
+    limit = target * (1 + TOLERANCE) if timer else target
     reference = _log_probs(model, held_out)
     calibrate_config = CalibrateConfig(data=config.data, batches=config.batches, batch_size=config.batch_size, bn=config.bn,
                                        seed=config.seed, device=config.device)
@@ -501,55 +570,23 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         meets = candidate.measured <= limit
         if best is None or (meets, -candidate.damage) > (best[0].measured <= limit, -best[0].damage):
             best = (candidate, picked, calibrated, calibration_record, kept)
-    winner, chosen, calibrated, calibration_record, kept = best
+    winner, *rest = best
     winner.chosen = True
-    picked_options = [o[i] for o, i in zip(options, chosen)]
-    plan_layout = layout(chosen)
-    damage_measured, agreement_measured = winner.damage, winner.agreement
-    measured = winner.measured
-    predicted = round(rest + sum(c[i] for c, i in zip(costs, chosen)), 5)
+    return pool, tuple(rest)
+
+
+def _planned_layers(model: nn.Module, units: list[Unit], options: list[list[Option]], chosen: list[int], costs: _Costs,
+                    pixels: dict[str, int], config: PlanConfig, timed: bool) -> list[PlannedLayer]:
+    """What each layer of the chosen plan becomes, with its channels, predicted time and MACs."""
     layers = []
-    for unit, choice, index, values in zip(units, picked_options, chosen, per_layer):
+    for unit, unit_options_, index, values in zip(units, options, chosen, costs.by_layer):
+        choice = unit_options_[index]
         channels = option_channels(model, unit, choice, config.round_to)
         for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, channels)):
             layers.append(PlannedLayer(layer, choice.label(position), cin, cout,
-                                       round(values[index][position], 5) if timer else None,
+                                       round(values[index][position], 5) if timed else None,
                                        layer_macs(model.get_submodule(layer), choice.ranks[position], cin, cout, pixels[layer])))
-    record = PlanRecord(
-        config=config.to_dict(),
-        input_size=list(input_size),
-        runtime=config.runtime if timer else "macs",
-        device=table.device if table else "-",
-        target=(f"{config.speedup:g}x" if config.speedup else f"{config.latency_ms:g} ms") if timer else f"{config.macs_budget:g} of the MACs",
-        original_ms=round(original_ms, 5) if timer else None,
-        predicted_ms=predicted if timer else None,
-        measured_ms=measured if timer else None,
-        predicted_speedup=round((original_ms if timer else cost_macs) / predicted, 4),
-        measured_speedup=round((original_ms if timer else cost_macs) / measured, 4) if measured else None,
-        macs_before=macs_before,
-        macs_after=count_macs(calibrated, input_size),
-        layers=layers,
-        units=[PlannedUnit(u.layers, [o[i].label(p) for p in range(len(u.layers))], round(c[i], 5) if timer else None,
-                           round(d[i], 6), round(a[i], 3))
-               for u, o, i, c, d, a in zip(units, options, chosen, costs, damages, agreements)],
-        damage_predicted=round(sum(d[i] for d, i in zip(damages, chosen)), 6),
-        damage_measured=round(damage_measured, 6),
-        agreement_measured=round(agreement_measured, 3),
-        rounds=rounds,
-        candidates=pool,
-        calibration=calibration_record,
-        plan=plan_layout,
-        kept=kept,
-        seconds=0.0,
-        table_original_ms=round(table.total_ms, 5) if table else None,
-    )
-    if timer and record.measured_speedup and config.speedup and record.measured_speedup < config.speedup * (1 - TOLERANCE):
-        record.notes.append(f"measured {record.measured_speedup:.2f}x misses the target {config.speedup:g}x by more than {TOLERANCE:.0%} after {len(rounds)} round(s)")
-    if test_data is not None:
-        record.top1_before = _top1(model, test_data)
-        record.top1_after = _top1(calibrated, test_data)
-    record.seconds = round(time.perf_counter() - start, 2)
-    return calibrated, record
+    return layers
 
 
 def _split_batches(batches, config: PlanConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -598,7 +635,7 @@ def _damages(model, units, options, calibration, held_out, config, progress):
                             refit_layer(work, model, layer, calibration, out_channels=kept if position == 0 else None)
                     cache.entries[key] = list(kl_damage(work, reference, held_out))
                     for name, module in saved.items():
-                        set_submodule(work, name, module)
+                        work.set_submodule(name, module)
                 cache.changed = True
             damage, agreement = cache.entries[key]
             unit_damage.append(damage)

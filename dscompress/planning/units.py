@@ -18,7 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from dscompress.compress.convert import ConvCall, set_submodule
+from dscompress.compress.convert import ConvCall
 from dscompress.core.errors import DscompressError
 from dscompress.nn.layers import DepthwiseSeparableConv2d
 
@@ -57,11 +57,17 @@ class Option:
     prune: float = 0.0
 
     def label(self, index: int) -> str:
-        """The choice for the unit's ``index``-th layer: ``dense``, ``rank-2``, ``prune-0.5``, ``rank-1+prune-0.25``."""
-        parts = [] if self.ranks[index] is None else [f"rank-{self.ranks[index]}"]
-        if self.prune and index == 0:
-            parts.append(f"prune-{self.prune:g}")
-        return "+".join(parts) or "dense"
+        """The choice for the unit's ``index``-th layer (a pair's prune share is named on its first)."""
+        return candidate_name(self.ranks[index], self.prune if index == 0 else 0.0)
+
+
+def candidate_name(rank: int | None, prune: float = 0.0) -> str:
+    """``dense``, ``rank-2``, ``prune-0.5``, ``rank-1+prune-0.25``: what one layer becomes (``prune``
+    the share of its pair's channels removed, on its outputs or on its inputs)."""
+    parts = [] if rank is None else [f"rank-{rank}"]
+    if prune:
+        parts.append(f"prune-{prune:g}")
+    return "+".join(parts) or "dense"
 
 
 def find_units(model: nn.Module, input_size, convertible: dict[str, ConvCall]) -> list[Unit]:
@@ -153,13 +159,13 @@ def apply_option(model: nn.Module, unit: Unit, option: Option, kept: list[int] |
     convert each layer with a rank, fitted from its (pruned) kernel."""
     if kept is not None:
         producer, consumer = unit.layers
-        set_submodule(model, producer, _sliced_conv(model.get_submodule(producer), out_keep=kept))
-        set_submodule(model, consumer, _sliced_conv(model.get_submodule(consumer), in_keep=kept))
+        model.set_submodule(producer, _sliced_conv(model.get_submodule(producer), out_keep=kept))
+        model.set_submodule(consumer, _sliced_conv(model.get_submodule(consumer), in_keep=kept))
         for norm in unit.norms:
-            set_submodule(model, norm, _sliced_norm(model.get_submodule(norm), kept))
+            model.set_submodule(norm, _sliced_norm(model.get_submodule(norm), kept))
     for layer, rank in zip(unit.layers, option.ranks):
         if rank is not None:
-            set_submodule(model, layer, DepthwiseSeparableConv2d.from_conv(model.get_submodule(layer), rank))
+            model.set_submodule(layer, DepthwiseSeparableConv2d.from_conv(model.get_submodule(layer), rank))
 
 
 def option_channels(model: nn.Module, unit: Unit, option: Option, round_to: int) -> list[tuple[int, int]]:
