@@ -323,38 +323,8 @@ def export_onnx(
     """
     config = config or ExportConfig()
     input_size = [int(v) for v in input_size]
-    if len(input_size) != 3 or min(input_size) < 1:
-        raise DscompressError(f"input size must be C,H,W with positive values, got {input_size}")
-    targets = [path] + ([unsimplified_path(path)] if config.simplify else [])
-    for target in targets:
-        if os.path.isdir(target):
-            raise DscompressError(f"{target!r} is a folder; give a file name such as model.onnx")
-        if os.path.exists(target) and not force:
-            raise DscompressError(f"{target!r} already exists; choose another output or pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise DscompressError(f"cannot write {path!r}: {parent!r} is a file, not a folder")
-
-    example_batch = DYNAMIC_EXAMPLE_BATCH if config.batch == "dynamic" else config.batch
-    device = next(model.parameters(), torch.empty(0)).device
-    example = torch.randn(example_batch, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    with eval_mode(model):
-        module = deploy_form(model)  # depthwise-separable layers of rank > 1 as plain conv pairs
-        module = _HalfPrecision(copy.deepcopy(module).half()).eval() if config.fp16 else module
-        try:
-            outputs = _example_outputs(module, example)
-        except Exception as e:  # noqa: BLE001
-            precision = " in half precision (drop --fp16?)" if config.fp16 else ""
-            raise DscompressError(
-                f"the model does not run{precision} on inputs of size {','.join(map(str, input_size))}: "
-                f"{_one_line(e)}; check --input-size (C,H,W)"
-            ) from None
-        output_names = [OUTPUT_NAME] + [f"output_{i}" for i in range(1, outputs)]
-        with tempfile.TemporaryDirectory(prefix="dscompress-export-") as tmp:
-            raw = os.path.join(tmp, "model.onnx")
-            exporter, fallback = _run_exporter(module, example, raw, config, output_names)
-            proto = onnx.load(raw, load_external_data=True)
-
+    _check_output(path, input_size, config, force)
+    proto, exporter, fallback, example_batch = _export_proto(model, input_size, config)
     fixed = explicit_same_pads(proto.graph)
     flagged = same_pad_dilation_nodes(proto.graph)
     if flagged:
@@ -406,8 +376,51 @@ def export_onnx(
     record.path, record.external_data, record.validation = _write_validated(proto, path, model, input_size, validate)
     record.size_bytes = os.path.getsize(record.path)
     if record.external_data:
-        record.size_bytes += os.path.getsize(os.path.join(parent, record.external_data))
+        record.size_bytes += os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(path)), record.external_data))
     return record
+
+
+def _check_output(path: str, input_size: list[int], config: ExportConfig, force: bool) -> None:
+    """One line, before any work, for a bad input size or an output that cannot or may not be written."""
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise DscompressError(f"input size must be C,H,W with positive values, got {input_size}")
+    targets = [path] + ([unsimplified_path(path)] if config.simplify else [])
+    for target in targets:
+        if os.path.isdir(target):
+            raise DscompressError(f"{target!r} is a folder; give a file name such as model.onnx")
+        if os.path.exists(target) and not force:
+            raise DscompressError(f"{target!r} already exists; choose another output or pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise DscompressError(f"cannot write {path!r}: {parent!r} is a file, not a folder")
+
+
+def _export_proto(model: nn.Module, input_size: list[int], config: ExportConfig) -> tuple[onnx.ModelProto, str, str | None, int]:
+    """The exported graph, in memory: (proto, exporter used, why the first exporter was not, example batch).
+
+    The model runs in its deploy form (depthwise-separable layers of rank > 1 as plain conv
+    pairs), in half precision with ``config.fp16``, on a seeded random example batch.
+    """
+    example_batch = DYNAMIC_EXAMPLE_BATCH if config.batch == "dynamic" else config.batch
+    device = next(model.parameters(), torch.empty(0)).device
+    example = torch.randn(example_batch, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    with eval_mode(model):
+        module = deploy_form(model)
+        module = _HalfPrecision(copy.deepcopy(module).half()).eval() if config.fp16 else module
+        try:
+            outputs = _example_outputs(module, example)
+        except Exception as e:  # noqa: BLE001
+            precision = " in half precision (drop --fp16?)" if config.fp16 else ""
+            raise DscompressError(
+                f"the model does not run{precision} on inputs of size {','.join(map(str, input_size))}: "
+                f"{_one_line(e)}; check --input-size (C,H,W)"
+            ) from None
+        output_names = [OUTPUT_NAME] + [f"output_{i}" for i in range(1, outputs)]
+        with tempfile.TemporaryDirectory(prefix="dscompress-export-") as tmp:
+            raw = os.path.join(tmp, "model.onnx")
+            exporter, fallback = _run_exporter(module, example, raw, config, output_names)
+            proto = onnx.load(raw, load_external_data=True)
+    return proto, exporter, fallback, example_batch
 
 
 def _write_validated(proto, path: str, model: nn.Module, input_size, validate: ValidateConfig | None) -> tuple[str, str | None, dict | None]:
