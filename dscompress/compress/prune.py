@@ -341,31 +341,7 @@ def prune(
     params_before = count_params(model)
     macs_before, before = _shapes(model, input_size)
 
-    with torch.enable_grad():
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=make_importance(config.importance),
-            global_pruning=config.global_pruning,
-            pruning_ratio=config.ratio,
-            ignored_layers=kept_modules,
-            round_to=config.round_to,
-            customized_pruners={DepthwiseSeparableConv2d: DS_PRUNER},
-            root_module_types=[nn.modules.conv._ConvNd, nn.Linear, DepthwiseSeparableConv2d],
-            forward_fn=lambda module, inputs: traced_forward(module)(inputs),
-        )
-    _check_something_to_prune(pruner, config)
-    if config.importance == "taylor":
-        batches = calibration_batches if calibration_batches is not None else _random_batches(input_size, config.seed)
-        accumulate_gradients(model, [x.to(device) for x in batches])
-    names = {module: name for name, module in model.named_modules()}
-    removed: dict[str, set[int]] = {}
-    for group in pruner.step(interactive=True):
-        for item in group:
-            if item.dep.handler in OUT_CHANNEL_HANDLERS:
-                removed.setdefault(names[item.dep.target.module], set()).update(int(i) for i in item.idxs)
-        group.prune()
-    model.zero_grad(set_to_none=True)
+    removed = _prune_in_place(model, example, kept_modules, config, calibration_batches)
     for name, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(name, True))
 
@@ -389,6 +365,39 @@ def prune(
         macs_after=macs_after,
     )
     return model.eval(), record
+
+
+def _prune_in_place(model: nn.Module, example: torch.Tensor, kept_modules: list[nn.Module], config: PruneConfig,
+                    calibration_batches) -> dict[str, set[int]]:
+    """Run Torch-Pruning's pruner on ``model`` (every parameter requiring grad, so that its trace
+    sees every layer); returns the output channels removed, by layer name."""
+    device = example.device
+    with torch.enable_grad():
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=make_importance(config.importance),
+            global_pruning=config.global_pruning,
+            pruning_ratio=config.ratio,
+            ignored_layers=kept_modules,
+            round_to=config.round_to,
+            customized_pruners={DepthwiseSeparableConv2d: DS_PRUNER},
+            root_module_types=[nn.modules.conv._ConvNd, nn.Linear, DepthwiseSeparableConv2d],
+            forward_fn=lambda module, inputs: traced_forward(module)(inputs),
+        )
+    _check_something_to_prune(pruner, config)
+    if config.importance == "taylor":
+        batches = calibration_batches if calibration_batches is not None else _random_batches(tuple(example.shape[1:]), config.seed)
+        accumulate_gradients(model, [x.to(device) for x in batches])
+    names = {module: name for name, module in model.named_modules()}
+    removed: dict[str, set[int]] = {}
+    for group in pruner.step(interactive=True):
+        for item in group:
+            if item.dep.handler in OUT_CHANNEL_HANDLERS:
+                removed.setdefault(names[item.dep.target.module], set()).update(int(i) for i in item.idxs)
+        group.prune()
+    model.zero_grad(set_to_none=True)
+    return removed
 
 
 def _check_something_to_prune(pruner: tp.pruner.BasePruner, config: PruneConfig) -> None:
