@@ -134,6 +134,18 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
     if not isinstance(raw_steps, list) or not raw_steps:
         problem(("steps",), "missing: a list of steps such as '- convert: {rank: 1}'")
         raw_steps = []
+    steps = _parse_steps(raw_steps, data.get("data"), lines, problem)
+    recipe = Recipe(path, model, steps, data.get("data"), data.get("name", ""), data.get("description", ""))
+    if not problems:
+        _check_configs(recipe, problem)
+    if problems:
+        raise DscompressError("\n".join(problems))
+    return recipe
+
+
+def _parse_steps(raw_steps: list, default_data: str | None, lines: dict, problem) -> list[Step]:
+    """The recipe's steps, each checked on its own and against those before it (names, ``from``,
+    an export before validate, data where a step needs it); ``problem(at, message)`` collects."""
     steps, names = [], set()
     for i, raw in enumerate(raw_steps):
         at = ("steps", i)
@@ -152,6 +164,7 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
         if step_name in names:
             problem(at + (kind,), f"step name {step_name!r} is used twice")
         names.add(step_name)
+
         def option_problem(key, message, at=at, kind=kind):
             problem(at + (kind, key), message)
 
@@ -162,23 +175,23 @@ def parse(text: str, path: str = "<recipe>", overrides: list[str] = ()) -> Recip
         clean = _check_options(kind, {k: v for k, v in options.items() if k not in ("name", "from")}, option_problem)
         if kind == "validate" and not any(s.kind == "export" for s in steps):
             problem(at + (kind,), "validate needs an export step before it")
-        if kind in NEEDS_DATA and not (clean.get("data") or data.get("data")):
+        if kind in NEEDS_DATA and not (clean.get("data") or default_data):
             problem(at + (kind,), "needs data: give 'data' here or at the top of the recipe")
         steps.append(Step(kind, clean, step_name, lines.get(at, 0), start))
-    recipe = Recipe(path, model, steps, data.get("data"), data.get("name", ""), data.get("description", ""))
-    if not problems:
-        for i, step in enumerate(steps):
-            try:
-                recipe.config(step)
-            except ConfigError as e:
-                key = flag_name(e.option)[2:] if e.option else None
-                at = ("steps", i, step.kind) + ((key,) if key else ())
-                problem(at, e.message)
-            except DscompressError as e:
-                problem(("steps", i, step.kind), str(e))
-    if problems:
-        raise DscompressError("\n".join(problems))
-    return recipe
+    return steps
+
+
+def _check_configs(recipe: Recipe, problem) -> None:
+    """Build every step's config, so that a value its own check rejects is found before anything runs."""
+    for i, step in enumerate(recipe.steps):
+        try:
+            recipe.config(step)
+        except ConfigError as e:
+            key = flag_name(e.option)[2:] if e.option else None
+            at = ("steps", i, step.kind) + ((key,) if key else ())
+            problem(at, e.message)
+        except DscompressError as e:
+            problem(("steps", i, step.kind), str(e))
 
 
 def _check_model(model: dict, problem) -> None:
