@@ -6,6 +6,7 @@ from torch import nn
 
 from dscompress.nn import decompose
 from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.nn.metrics import conv_macs, count_macs
 
 conv_configs = st.fixed_dictionaries(
     {
@@ -123,3 +124,15 @@ def test_every_form_computes_the_same_function(rank, size):
         assert isinstance(deployed[0], SplitDepthwiseSeparable) and isinstance(deployed[1], nn.Identity)  # the BatchNorm is folded
         torch.testing.assert_close(deployed(x), model(x))
     assert split_pays(rank, size * size) == (size >= 14 if rank == 2 else size >= 56)
+
+
+@pytest.mark.parametrize("rank,kernel,stride,groups", [
+    (None, (3, 3), 1, 1), (None, (5, 3), 2, 1), (None, (3, 3), 1, 2), (1, (3, 3), 1, 1), (3, (3, 3), 1, 1), (2, (5, 3), 2, 1),
+])
+def test_closed_form_macs_match_the_flop_counter(rank, kernel, stride, groups):
+    """conv_macs (what a plan charges an option it has not built) equals what PyTorch's counter
+    finds in the layer once built."""
+    conv = nn.Conv2d(8, 12, kernel, stride=stride, padding=1, groups=groups, bias=False)
+    layer = conv if rank is None else DepthwiseSeparableConv2d.from_conv(conv, rank)
+    out_pixels = conv(torch.zeros(1, 8, 16, 16)).shape[-2:].numel()
+    assert conv_macs(8, 12, kernel, out_pixels, rank, groups) == count_macs(layer, (8, 16, 16))

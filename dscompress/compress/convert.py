@@ -30,7 +30,7 @@ from dscompress.core.selection import FilterFn, check_pattern, matches_any, requ
 from dscompress.core.util import captured_output, eval_mode, model_device
 from dscompress.nn import decompose
 from dscompress.nn.layers import MIN_CHANNELS, DepthwiseSeparableConv2d, skip_reason
-from dscompress.nn.metrics import count_macs, count_params
+from dscompress.nn.metrics import conv_macs, count_macs, count_params
 
 
 @dataclass
@@ -171,13 +171,12 @@ class LayerPlan:
 
     @property
     def macs_per_rank(self) -> int:
-        kh, kw = self.kernel
-        return self.call.out_pixels * self.conv.in_channels * (kh * kw + self.conv.out_channels)
+        return conv_macs(self.conv.in_channels, self.conv.out_channels, self.kernel, self.call.out_pixels, rank=1)
 
     @property
     def dense_macs(self) -> int:
-        kh, kw = self.conv.kernel_size
-        return self.call.out_pixels * self.conv.out_channels * self.conv.in_channels // self.conv.groups * kh * kw
+        return conv_macs(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size, self.call.out_pixels,
+                         groups=self.conv.groups)
 
 
 def convert(

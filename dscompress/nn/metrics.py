@@ -20,6 +20,17 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def conv_macs(in_channels: int, out_channels: int, kernel: tuple[int, int], out_pixels: int, rank: int | None = None,
+              groups: int = 1) -> int:
+    """MACs per image of a KxK conv over ``out_pixels`` output pixels: dense (``rank`` None), or
+    depthwise-separable at ``rank`` (``rank`` KxK depthwise filters per input channel, then a 1x1
+    to ``out_channels``). Counted in closed form where a plan weighs options it has not built."""
+    kh, kw = kernel
+    if rank is None:
+        return out_pixels * out_channels * (in_channels // groups) * kh * kw
+    return out_pixels * in_channels * rank * (kh * kw + out_channels)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int], per_module: bool = False):
     """Multiply-accumulates of one forward pass on a single image of ``input_size`` (C, H, W).

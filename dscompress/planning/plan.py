@@ -58,7 +58,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, eval_mode, write_json
 from dscompress.data.datasets import DataSpec
 from dscompress.deploy.profile import Runtime
-from dscompress.nn.metrics import count_macs
+from dscompress.nn.metrics import conv_macs, count_macs
 from dscompress.planning.latency import Timer, default_cache, latency_table
 from dscompress.planning.units import (
     Option,
@@ -128,17 +128,6 @@ class PlanConfig(StepConfig):
         check_range("rounds", self.rounds, low=1)
         if self.data is not None:
             self.data = str(DataSpec.parse(self.data))
-
-
-# --- costs ---------------------------------------------------------------------------------------
-
-
-def layer_macs(conv: nn.Conv2d, rank: int | None, in_channels: int, out_channels: int, out_pixels: int) -> int:
-    """MACs per image of a conv with these channels, dense or at ``rank``, over ``out_pixels``."""
-    kh, kw = conv.kernel_size
-    if rank is None:
-        return out_pixels * out_channels * in_channels * kh * kw
-    return out_pixels * in_channels * rank * (kh * kw + out_channels)
 
 
 # --- damage --------------------------------------------------------------------------------------
@@ -503,7 +492,7 @@ def _option_costs(model: nn.Module, units: list[Unit], options: list[list[Option
                 if table:
                     values.append(table.layer(layer).ms[candidate_name(rank, choice.prune)])
                 else:
-                    values.append(layer_macs(model.get_submodule(layer), rank, cin, cout, pixels[layer]))
+                    values.append(conv_macs(cin, cout, model.get_submodule(layer).kernel_size, pixels[layer], rank))
             unit_costs.append(sum(values))
             unit_layers.append(values)
         by_unit.append(unit_costs)
@@ -585,7 +574,7 @@ def _planned_layers(model: nn.Module, units: list[Unit], options: list[list[Opti
         for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, channels)):
             layers.append(PlannedLayer(layer, choice.label(position), cin, cout,
                                        round(values[index][position], 5) if timed else None,
-                                       layer_macs(model.get_submodule(layer), choice.ranks[position], cin, cout, pixels[layer])))
+                                       conv_macs(cin, cout, model.get_submodule(layer).kernel_size, pixels[layer], choice.ranks[position])))
     return layers
 
 
