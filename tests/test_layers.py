@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dscompress.nn import decompose
-from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 from dscompress.nn.metrics import conv_macs, count_macs
 
 conv_configs = st.fixed_dictionaries(
@@ -136,3 +136,8 @@ def test_closed_form_macs_match_the_flop_counter(rank, kernel, stride, groups):
     layer = conv if rank is None else DepthwiseSeparableConv2d.from_conv(conv, rank)
     out_pixels = conv(torch.zeros(1, 8, 16, 16)).shape[-2:].numel()
     assert conv_macs(8, 12, kernel, out_pixels, rank, groups) == count_macs(layer, (8, 16, 16))
+
+
+def test_named_layers_treats_a_depthwise_separable_layer_as_one():
+    model = nn.Sequential(DepthwiseSeparableConv2d.from_conv(nn.Conv2d(4, 8, 3), 2), nn.Sequential(nn.Conv2d(8, 8, 3)))
+    assert [name for name, _ in named_layers(model)] == ["", "0", "1", "1.0"]

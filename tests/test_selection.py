@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from dscompress.core.errors import DscompressError
-from dscompress.core.selection import check_pattern, make_filter, matches, require_matches
+from dscompress.core.selection import check_pattern, make_filter, matches, outermost, require_matches
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,12 @@ def test_bad_patterns_are_one_line():
         check_pattern("re:(")
     with pytest.raises(DscompressError, match="--include pattern 'layer9' matches no conv layer .*named like 'layer1.0.conv1'"):
         require_matches(["layer9"], ["layer1.0.conv1"], "--include", "conv layer")
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["layer4", "layer4.0.conv1", "layer3.1"], ["layer4", "layer3.1"]),
+    (["layer1.0.conv1", "layer1.0.conv10"], ["layer1.0.conv1", "layer1.0.conv10"]),  # a prefix of the name, not a parent
+    ([], []),
+])
+def test_outermost_keeps_names_not_inside_another(names, expected):
+    assert outermost(names) == expected

@@ -36,7 +36,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.util import atomic_path, check_writable, default_permissions, write_json
 from dscompress.data.datasets import Preprocess
 from dscompress.models.build import ModelSpec, build_model, check_state_dict, read_state_dict, with_metadata
-from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 from dscompress.nn.metrics import count_macs, count_params
 
 FORMAT = "dscompress-artifact"
@@ -78,12 +78,10 @@ def structure_of(model: nn.Module, base: nn.Module) -> dict:
     """How ``model`` differs in structure from ``base``, a fresh build of the same spec."""
     base_modules = dict(base.named_modules())
     structure = {}
-    for name, module in model.named_modules():
+    for name, module in named_layers(model):  # not inside a swapped layer (a resized block is looked into)
         if isinstance(module, DepthwiseSeparableConv2d):
             structure[name] = {"type": type(module).__name__, "args": module.constructor_args()}
             continue
-        if any(name.startswith(n + ".") for n, entry in structure.items() if "type" in entry):
-            continue  # inside a swapped layer (a resized one, e.g. a block with a layer scale, is not)
         reference = base_modules.get(name)
         if reference is None:
             raise DscompressError(f"module {name!r} has no counterpart in the spec's model; cannot save it")

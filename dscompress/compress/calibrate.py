@@ -59,7 +59,7 @@ from dscompress.core.config import ConfigError, Record, StepConfig, check_range,
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, model_device, resolve_device
 from dscompress.data.datasets import DataSpec, load_dataset, make_loader
-from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 
 # The order of the two corrections; see the module docstring for the measurement behind it.
 ORDER = ("refit", "bn")
@@ -181,13 +181,8 @@ def converted_layers(model: nn.Module, original: nn.Module, kept: dict[str, list
     kept = kept or {}
     names, skipped = [], []
     originals = dict(original.named_modules())
-    inside: list[str] = []
-    for name, layer in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
+    for name, layer in named_layers(model):
         converted = isinstance(layer, DepthwiseSeparableConv2d)
-        if converted:
-            inside.append(name)
         dense = (type(layer) is nn.Conv2d and layer.groups == 1) or type(layer) is nn.Linear
         if not (converted or dense):
             continue

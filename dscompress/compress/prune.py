@@ -34,9 +34,9 @@ from torch import nn
 from dscompress.compress.prune_tp import DS_PRUNER, make_importance
 from dscompress.core.config import Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError, does_not_run
-from dscompress.core.selection import check_pattern, matches
+from dscompress.core.selection import check_pattern, matches, outermost
 from dscompress.core.util import model_device
-from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 from dscompress.nn.metrics import count_macs, count_params
 
 # The Torch-Pruning handlers that remove a layer's output channels (recorded, for calibration).
@@ -141,13 +141,10 @@ class PruneRecord(Record):
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Convs, linears and depthwise-separable layers by name (not the halves of the latter)."""
-    layers, inside = {}, []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
+    layers = {}
+    for name, module in named_layers(model):
         if isinstance(module, DepthwiseSeparableConv2d):
             layers[name] = module
-            inside.append(name)
         elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             layers[name] = module
     return layers
@@ -214,13 +211,9 @@ def _shapes(model: nn.Module, input_size) -> tuple[int, dict[str, dict]]:
     """Total MACs, and channels, groups and cost of every conv, linear, depthwise-separable and norm layer."""
     total, macs = count_macs(model, input_size, per_module=True)
     shapes = {}
-    inside = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
+    for name, module in named_layers(model):
         entry = None
         if isinstance(module, DepthwiseSeparableConv2d):
-            inside.append(name)
             entry = {"in": module.in_channels, "out": module.out_channels, "rank": module.rank}
         elif isinstance(module, nn.modules.conv._ConvNd):
             entry = {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
@@ -279,9 +272,8 @@ def _kept_layers(model: nn.Module, heads: list[str], config: PruneConfig) -> lis
                 f"--ignore pattern {pattern!r} matches no layer (layers are named like {example_name!r}; "
                 "use a glob such as 'layer4.*' or a regex 're:...')"
             )
-        for name in matched:  # the outermost matches: ignoring a block ignores all inside it
-            if not any(name.startswith(other + ".") for other in matched):
-                kept.setdefault(name, f"matches --ignore {pattern!r}")
+        for name in outermost(matched):  # ignoring a block ignores all inside it
+            kept.setdefault(name, f"matches --ignore {pattern!r}")
     return [{"name": name, "reason": reason} for name, reason in kept.items()]
 
 

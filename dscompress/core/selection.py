@@ -64,3 +64,9 @@ def make_filter(include: Iterable[str] = (), exclude: Iterable[str] = ()) -> Fil
         return not matches_any(fqn, exclude)
 
     return filter_fn
+
+
+def outermost(names: Iterable[str]) -> list[str]:
+    """The names not inside another of them (``layer4`` keeps, ``layer4.0.conv1`` goes), in order."""
+    names = list(names)
+    return [name for name in names if not any(name.startswith(other + ".") for other in names)]

@@ -45,7 +45,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, eval_mode, model_device
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.ort import open_session
-from dscompress.nn.layers import DepthwiseSeparableConv2d, SplitDepthwiseSeparable, skip_reason
+from dscompress.nn.layers import DepthwiseSeparableConv2d, SplitDepthwiseSeparable, named_layers, skip_reason
 from dscompress.nn.metrics import count_macs
 
 Runtime = Literal["ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda"]
@@ -125,13 +125,12 @@ class ProfileRecord(Record):
 
 def layer_units(model: nn.Module) -> dict[str, nn.Module]:
     """The modules a profile shows: depthwise-separable layers as one, and every leaf module."""
-    units, inside = {}, []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix + ".") for prefix in inside):
+    units = {}
+    for name, module in named_layers(model, whole=(SplitDepthwiseSeparable,)):
+        if not name:
             continue
         if isinstance(module, (DepthwiseSeparableConv2d, SplitDepthwiseSeparable)):
             units[name] = module
-            inside.append(name)
         elif not list(module.children()):
             units[name] = module
     return units

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 import torch.fx
@@ -307,3 +308,16 @@ def skip_reason(module: nn.Module, min_channels: int = MIN_CHANNELS) -> str | No
     if module.in_channels < min_channels:
         return f"in_channels {module.in_channels} < min_channels {min_channels}"
     return None
+
+
+def named_layers(model: nn.Module, whole: tuple[type, ...] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()``, but a depthwise-separable layer (and a module of a ``whole`` type)
+    without the modules inside it: it is one layer, not its convs."""
+    whole = (DepthwiseSeparableConv2d, *whole)
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, whole):
+            inside.append(name)
+        yield name, module
