@@ -242,7 +242,7 @@ def _run_exporter(module: nn.Module, example: torch.Tensor, path: str, config: E
                 f"torch.export could not export {type(module).__name__} ({reason}); "
                 "fell back to the TorchScript exporter (dynamo=False)",
                 ExportWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
     axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]} if dynamic else None
     try:
