@@ -3,9 +3,11 @@ progress that prints plain lines where there is no terminal."""
 
 import io
 
+import torchvision
 from rich.console import Console
 
 from dscompress.cli.render import ConsoleProgress, render, stdout_console
+from dscompress.compress.convert import convert
 from dscompress.deploy.bench import BenchRecord, BenchResults
 
 LONG = "runs/quickstart/planned-distilled-with-a-long-name"
@@ -54,3 +56,11 @@ def test_progress_prints_plain_lines_without_a_terminal():
     lines = out.getvalue().splitlines()
     assert lines[:3] == [f"  calibrate: {n}/4 layer {n - 1} (about {lines[n - 1].split('about ')[1]}" for n in (1, 2, 3)]
     assert lines[-1] == "epoch 1/1: loss 0.31" and len(lines) == 4  # nothing at 4/4: the step's result follows
+
+
+def test_convert_golden_totals():
+    """The one test of convert's wording: a real resnet18 at rank 1, its totals as printed."""
+    _, record = convert(torchvision.models.resnet18(num_classes=10), (3, 32, 32))
+    text = shown(render(record))
+    assert "params: 11.18M -> 1.45M (0.13x of the original)" in text
+    assert "MACs:   37.02M -> 6.87M (0.19x" in text
