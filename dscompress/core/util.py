@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import torch
 from torch import nn
 
@@ -240,26 +241,18 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _busy_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [float(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+def _busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (psutil: /proc/stat on Linux, and the
+    same elsewhere); guest time is already inside user time, so it is not added again."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+    return sum(times) - idle - guest
 
 
 def other_load(window: float = 0.2) -> float:
-    """How many CPUs other processes keep busy: sampled over ``window`` seconds from /proc/stat
-    (this process excluded), or the 1-minute load average where there is no /proc."""
+    """How many CPUs other processes keep busy, sampled over ``window`` seconds (this process excluded)."""
     start_busy, start_self, start = _busy_seconds(), time.process_time(), time.perf_counter()
-    if start_busy is None:
-        try:
-            return os.getloadavg()[0]
-        except OSError:
-            return 0.0
     time.sleep(window)
     busy = _busy_seconds() - start_busy - (time.process_time() - start_self)
     return max(0.0, busy / (time.perf_counter() - start))
