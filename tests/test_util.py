@@ -1,6 +1,5 @@
 """Helpers every layer uses: threads fitted to the free CPUs."""
 
-import os
 import subprocess
 import sys
 
