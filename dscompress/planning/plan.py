@@ -434,9 +434,9 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         return timer.time_module(planned, cost_size) * costs.original / timer.time_module(model, cost_size)
 
     chosen, final, rounds = search(costs.by_unit, damages, costs.target, costs.rest, measure, 1 if timer is None else config.rounds)
-    pool, (chosen, calibrated, calibration_record, kept) = _against_uniform_plans(
+    pool, winner, chosen, calibrated, calibration_record, kept = _against_uniform_plans(
         model, options, chosen, final.measured_ms, layout, measure, calibration, held_out, costs.target, timer, config, progress)
-    winner = next(c for c in pool if c.chosen)
+    predicted = round(costs.predicted(chosen), 5)
     record = PlanRecord(
         config=config.to_dict(),
         input_size=list(input_size),
@@ -444,9 +444,9 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         device=costs.table.device if costs.table else "-",
         target=(f"{config.speedup:g}x" if config.speedup else f"{config.latency_ms:g} ms") if timer else f"{config.macs_budget:g} of the MACs",
         original_ms=round(costs.original, 5) if timer else None,
-        predicted_ms=round(costs.predicted(chosen), 5) if timer else None,
+        predicted_ms=predicted if timer else None,
         measured_ms=winner.measured if timer else None,
-        predicted_speedup=round(costs.original / round(costs.predicted(chosen), 5), 4),
+        predicted_speedup=round(costs.original / predicted, 4),
         measured_speedup=round(costs.original / winner.measured, 4) if winner.measured else None,
         macs_before=count_macs(model, input_size),
         macs_after=count_macs(calibrated, input_size),
@@ -534,8 +534,8 @@ def _against_uniform_plans(model: nn.Module, options: list[list[Option]], chosen
     The units' damages do not add up exactly (measured: a whole plan's is 1.1-2.3x their sum, and
     not in the same order), so each uniform rank and each uniform prune ratio that also meets the
     target is measured too; each is calibrated as a whole and the least damaging on the held-out
-    images is kept. Returns (every candidate, the winner marked ``chosen``; and the winner's
-    (option indices, calibrated model, calibration record, kept channels)).
+    images is kept. Returns every candidate (the winner marked ``chosen``), the winner, and its
+    option indices, calibrated model, calibration record and kept channels.
     """
     pool = [PlanCandidate("plan", round(measured, 5))]
     picks = {"plan": chosen}
@@ -559,9 +559,9 @@ def _against_uniform_plans(model: nn.Module, options: list[list[Option]], chosen
         meets = candidate.measured <= limit
         if best is None or (meets, -candidate.damage) > (best[0].measured <= limit, -best[0].damage):
             best = (candidate, picked, calibrated, calibration_record, kept)
-    winner, *rest = best
+    winner, picked, calibrated, calibration_record, kept = best
     winner.chosen = True
-    return pool, tuple(rest)
+    return pool, winner, picked, calibrated, calibration_record, kept
 
 
 def _planned_layers(model: nn.Module, units: list[Unit], options: list[list[Option]], chosen: list[int], costs: _Costs,
