@@ -22,7 +22,7 @@ from dscompress.deploy.profile import ProfileConfig, profile
 from dscompress.models.build import ModelSpec, build_model
 from dscompress.nn.metrics import count_macs
 from dscompress.planning.latency import Timer, latency_table
-from dscompress.planning.units import Option, build, candidate_name, find_units, layout_of, pair_channels
+from dscompress.compress.units import Option, build, candidate_name, find_units, layout_of, pair_channels
 
 
 def profiles(models: dict, size, batches: list[int], iters: int, runtime: str) -> None:

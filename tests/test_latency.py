@@ -10,7 +10,7 @@ from conftest import make_tiny
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.core.errors import DscompressError
 from dscompress.planning.latency import Timer, latency_table
-from dscompress.planning.units import candidate_name, round_channels
+from dscompress.compress.units import candidate_name, round_channels
 
 SIZE = (3, 64, 64)
 

@@ -18,7 +18,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.nn.metrics import count_macs
 from dscompress.planning.latency import Timer
 from dscompress.planning.plan import TOLERANCE, PlanConfig, plan, search, solve, uniform_plans
-from dscompress.planning.units import find_units, unit_options
+from dscompress.compress.units import find_units, unit_options
 
 SIZE = (3, 16, 16)
 SMALL = {"batches": 2, "batch_size": 16, "held_out": 32, "ranks": [1, 2], "prune_ratios": [0.5], "round_to": 4}

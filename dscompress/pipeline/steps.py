@@ -51,8 +51,8 @@ from dscompress.deploy.validate import ValidateConfig, ValidationRecord, validat
 from dscompress.models.build import build_model
 from dscompress.nn.metrics import count_macs, count_params
 from dscompress.planning.plan import PlanConfig, plan
-from dscompress.planning.units import Option
-from dscompress.planning.units import build as build_plan
+from dscompress.compress.units import Option
+from dscompress.compress.units import build as build_plan
 from dscompress.train.checkpoint import checkpoint_path
 from dscompress.train.distributed import World, barrier, destroy, init_distributed
 from dscompress.train.evaluate import EvalRecord, EvaluateConfig, evaluate

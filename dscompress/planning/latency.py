@@ -1,7 +1,7 @@
 """Per-layer latency tables: what each convertible layer would cost on the target runtime, by candidate.
 
 For each convertible layer the candidates are: keep it dense; depthwise-separable at ranks 1, 2,
-4 ... (in the form export writes); and, for a pair (:mod:`dscompress.planning.units`), the pair's channels
+4 ... (in the form export writes); and, for a pair (:mod:`dscompress.compress.units`), the pair's channels
 pruned by a few ratios (rounded to 8), alone or with a rank. A layer's time is measured inside
 the model it runs in: the model is built with every unit at one candidate (all dense, all rank 2,
 all rank 1 with the pairs pruned 25% ...) and profiled on the runtime
@@ -41,7 +41,7 @@ from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, eval_mode, torch_threads, write_json
 from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
-from dscompress.planning.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
+from dscompress.compress.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
 
 CACHE_ENV = "DSCOMPRESS_CACHE"
 CACHE_VERSION = 3
@@ -146,7 +146,7 @@ def _ort_version() -> str:
 @dataclass
 class LayerLatency(Record):
     """One convertible layer's candidates: milliseconds per run (all its calls) inside the model, by
-    :func:`~dscompress.planning.units.candidate_name`."""
+    :func:`~dscompress.compress.units.candidate_name`."""
 
     name: str
     in_channels: int
@@ -169,7 +169,7 @@ class LatencyRecord(Record):
     layers: list[LayerLatency] = field(default_factory=list)
 
     def predict(self, chosen: dict[str, str] | None = None) -> float:
-        """The whole model's ms with a candidate per layer (:func:`~dscompress.planning.units.candidate_name` by layer name; others dense)."""
+        """The whole model's ms with a candidate per layer (:func:`~dscompress.compress.units.candidate_name` by layer name; others dense)."""
         chosen = chosen or {}
         return self.rest_ms + sum(layer.ms[chosen.get(layer.name, "dense")] for layer in self.layers)
 

@@ -60,7 +60,7 @@ from dscompress.data.datasets import DataSpec
 from dscompress.deploy.profile import Runtime
 from dscompress.nn.metrics import conv_macs, count_macs
 from dscompress.planning.latency import Timer, default_cache, latency_table
-from dscompress.planning.units import (
+from dscompress.compress.units import (
     Option,
     Unit,
     apply_option,

@@ -1,4 +1,5 @@
-"""Units of a model: the layers a plan chooses for together, their options, and applying them.
+"""Units of a model: the layers a plan chooses for together, their options, and applying them (a
+plan's layout is a transform like any other, so it lives beside convert and prune).
 
 A unit is a conv whose output channels feed one other conv alone (a pair: ``layer1.0.conv1`` ->
 ``layer1.0.conv2`` in a ResNet block), so that the pair's channels can be pruned without touching
