@@ -19,7 +19,9 @@ _API = {
     "load": "dscompress.artifact.format",
     "resolve": "dscompress.artifact.format",
     "save": "dscompress.artifact.format",
-    # transforms: nn.Module in, (module, record) out
+    # transforms: nn.Module in, (module, record) out; apply runs the one a config configures
+    "apply": "dscompress.core.transform",
+    "TransformContext": "dscompress.core.transform",
     "ConvertConfig": "dscompress.compress.convert",
     "ConversionRecord": "dscompress.compress.convert",
     "convert": "dscompress.compress.convert",

@@ -25,10 +25,11 @@ from dscompress.compress.calibrate import (
 )
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.core.errors import DscompressError
+from dscompress.core.transform import TransformContext
 from dscompress.data.datasets import load_dataset, make_loader
 from dscompress.models.build import ModelSpec, build_model
 from dscompress.nn.layers import DepthwiseSeparableConv2d
-from dscompress.pipeline.steps import calibrate_artifact
+from dscompress.pipeline.steps import StepContext, run_step
 from dscompress.train.evaluate import accuracy
 
 INPUT_SIZE = (3, 32, 32)
@@ -296,7 +297,7 @@ def test_calibrate_artifact_refuses_a_model_with_other_classes(tmp_path):
     model, record = convert(source.model, INPUT_SIZE, ConvertConfig(rank=1, include=["layer4.*"]))
     save_step(source, str(tmp_path / "five"), model, [step_entry(ConvertConfig(rank=1, include=["layer4.*"]), record)])
     with pytest.raises(DscompressError, match="5 outputs"):
-        calibrate_artifact(resolve(str(tmp_path / "five")), str(tmp_path / "x"), CalibrateConfig(data="digits"))
+        run_step(resolve(str(tmp_path / "five")), CalibrateConfig(data="digits"), StepContext(out=str(tmp_path / "x")))
 
 
 # --- pruned models ----------------------------------------------------------------------------------
@@ -320,8 +321,6 @@ def test_calibrated_pruning_lowers_every_pruned_layer_error(trained, images, tes
 
 
 def test_cli_prune_with_calibrate_and_kept_channels_compose(tmp_path):
-    from dscompress.pipeline.steps import kept_channels
-
     runner = CliRunner()
     base = tmp_path / "base"
     assert runner.invoke(cli, ["finetune", "conftest:TinyCNN", "--num-classes", "10", "--input-size", "3,32,32", "--data", "digits",
@@ -336,4 +335,4 @@ def test_cli_prune_with_calibrate_and_kept_channels_compose(tmp_path):
     steps = [{"step": "prune", "record": {"layers": [{"name": "a", "kept_out": [0, 2, 3, 5]}]}},
              {"step": "convert", "record": {}},
              {"step": "prune", "record": {"layers": [{"name": "a", "kept_out": [1, 3]}, {"name": "b", "kept_out": None}]}}]
-    assert kept_channels(steps) == {"a": [2, 5]}
+    assert TransformContext((3, 8, 8), steps=steps).kept == {"a": [2, 5]}

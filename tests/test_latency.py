@@ -8,9 +8,9 @@ import torchvision
 from conftest import make_tiny
 
 from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.compress.units import candidate_name, round_channels
 from dscompress.core.errors import DscompressError
 from dscompress.planning.latency import Timer, latency_table
-from dscompress.compress.units import candidate_name, round_channels
 
 SIZE = (3, 64, 64)
 

@@ -11,7 +11,7 @@ from dscompress.cli.main import cli
 from dscompress.core.util import Progress
 from dscompress.pipeline import recipe
 from dscompress.pipeline.run import run
-from dscompress.pipeline.steps import finetune_artifact, work_folder
+from dscompress.pipeline.steps import StepContext, run_step, work_folder
 from dscompress.train.finetune import FinetuneConfig
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
@@ -137,7 +137,7 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     source = resolve("resnet18", num_classes=10, input_size=(3, 8, 8))
     config = FinetuneConfig(data="digits", teacher="none", epochs=2, lr=0.05)
     with pytest.raises(KeyboardInterrupt):
-        finetune_artifact(source, str(tmp_path / "baseline"), config, progress=CtrlCAfterAnEpoch())
+        run_step(source, config, StepContext(out=str(tmp_path / "baseline"), progress=CtrlCAfterAnEpoch()))
     assert os.path.isdir(work_folder(str(tmp_path / "baseline")))
     lines = []
     trimmed = recipe.parse(SMALL.split("  - convert")[0].replace("epochs: 1", "epochs: 2"), "small.yaml")

@@ -14,11 +14,11 @@ from dscompress.artifact.format import Artifact
 from dscompress.cli.main import cli
 from dscompress.compress.calibrate import calibration_batches
 from dscompress.compress.convert import convertible
+from dscompress.compress.units import find_units, unit_options
 from dscompress.core.errors import DscompressError
 from dscompress.nn.metrics import count_macs
 from dscompress.planning.latency import Timer
 from dscompress.planning.plan import TOLERANCE, PlanConfig, plan, search, solve, uniform_plans
-from dscompress.compress.units import find_units, unit_options
 
 SIZE = (3, 16, 16)
 SMALL = {"batches": 2, "batch_size": 16, "held_out": 32, "ranks": [1, 2], "prune_ratios": [0.5], "round_to": 4}

@@ -18,7 +18,7 @@ from dscompress.compress.prune_tp import DS_PRUNER
 from dscompress.core.errors import DscompressError
 from dscompress.models.build import ModelSpec, build_model
 from dscompress.nn.layers import DepthwiseSeparableConv2d
-from dscompress.pipeline.steps import convert_artifact, prune_artifact
+from dscompress.pipeline.steps import StepContext, convert_artifact, run_step
 
 INPUT = (3, 32, 32)
 
@@ -401,7 +401,8 @@ def test_cli_prunes_an_artifact(converted_dir, tmp_path):
 
 def test_prune_artifact_takes_a_model_name(tmp_path):
     spec = ModelSpec(f"{__name__}:gate_net", num_classes=10, input_size=INPUT)
-    artifact, record = prune_artifact(Source(build_model(spec), spec), str(tmp_path / "p"), PruneConfig(ratio=0.5))
+    output = run_step(Source(build_model(spec), spec), PruneConfig(ratio=0.5), StepContext(out=str(tmp_path / "p")))
+    artifact, record = output.artifact, output.record
     assert artifact.metrics["macs"] == record.macs_after
     assert artifact.steps[0]["config"]["ratio"] == 0.5
 

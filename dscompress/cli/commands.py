@@ -166,9 +166,8 @@ def step_command(spec: StepSpec) -> click.Command:
     if spec.output != "none":
         params.append(click.Option(["--force"], is_flag=True, help="Replace the output if it exists."))
     params.append(click.Option(["--json", "as_json"], is_flag=True, help="Print the record as JSON."))
-    doc = spec.handler.__doc__ or ""
     return click.Command(spec.config.STEP, params=params, callback=functools.partial(_run_step_command, spec),
-                         help=doc.split("\n\n")[0].strip(), short_help=spec.summary)
+                         help=spec.help, short_help=spec.summary)
 
 
 def _run_step_command(spec: StepSpec, **kwargs) -> None:

@@ -19,6 +19,7 @@ from rich.table import Table
 from dscompress.compress.calibrate import CalibrationRecord
 from dscompress.compress.convert import ConversionRecord
 from dscompress.compress.prune import PruneRecord
+from dscompress.compress.units import PlannedConversion
 from dscompress.core.config import Record
 from dscompress.core.util import Progress as ProgressBase
 from dscompress.core.util import human
@@ -26,7 +27,6 @@ from dscompress.deploy.bench import BenchResults
 from dscompress.deploy.export import ExportRecord
 from dscompress.deploy.profile import ProfileRecord
 from dscompress.deploy.validate import ValidationRecord
-from dscompress.pipeline.steps import PlannedConversion
 from dscompress.planning.plan import PlanRecord
 from dscompress.train.evaluate import EvalRecord
 from dscompress.train.finetune import FinetuneRecord

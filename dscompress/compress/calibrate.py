@@ -57,8 +57,9 @@ from torch import nn
 
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError
+from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, Progress, model_device, resolve_device
-from dscompress.data.datasets import DataSpec, load_dataset, make_loader
+from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
 from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 
 # The order of the two corrections; see the module docstring for the measurement behind it.
@@ -143,6 +144,15 @@ def calibration_batches(data, input_size, batches: int = 16, batch_size: int = 3
     dataset = load_dataset(data, input_size, split="train")
     loader = make_loader(dataset, batch_size, shuffle=True, seed=seed)
     return [images for images, _ in itertools.islice(loader, batches)]
+
+
+def calibration_images(model: nn.Module, config: CalibrateConfig, context: TransformContext) -> list[torch.Tensor]:
+    """The calibration batches for ``model``, after checking that the data fits it."""
+    if config.data is None:
+        raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
+    dataset = load_dataset(config.data, context.input_size, split="train")
+    check_classes(dataset, model, context.input_size, data_name=config.data, task=context.task, model_name=context.label)
+    return calibration_batches(config.data, context.input_size, config.batches, config.batch_size, config.seed)
 
 
 def _images(batches, limit: int) -> list[torch.Tensor]:
@@ -530,3 +540,16 @@ def calibrate(
         seconds=round(time.perf_counter() - start, 3),
     )
     return model, record
+
+
+@register_transform(CalibrateConfig)
+def calibrate_transform(model: nn.Module, config: CalibrateConfig, context: TransformContext) -> tuple[nn.Module, CalibrationRecord]:
+    """Refit a converted or pruned model to its original on real images, without training."""
+    if context.original is None:
+        raise DscompressError(
+            f"{context.label!r} has no original model to calibrate against (calibration fits a converted model back to "
+            f"the model it came from); convert it first: dscompress convert {context.label} -o DIR --calibrate DATA"
+        )
+    images = calibration_images(model, config, context)
+    model, record = calibrate(model, context.original(), images, config, progress=context.progress, kept=context.kept)
+    return model.cpu(), record

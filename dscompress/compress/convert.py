@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from dscompress.compress.units import apply_layout
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError, DscompressWarning, does_not_run, first_line
 from dscompress.core.selection import FilterFn, check_pattern, matches_any, require_matches
+from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import captured_output, eval_mode, model_device
 from dscompress.nn import decompose
 from dscompress.nn.layers import MIN_CHANNELS, DepthwiseSeparableConv2d, skip_reason
@@ -459,3 +461,22 @@ def _layer_record(plan: LayerPlan, layer: DepthwiseSeparableConv2d) -> LayerReco
         followed_by=plan.call.followed_by,
         function_changed=plan.function_changed,
     )
+
+
+@register_transform(ConvertConfig)
+def convert_transform(model: nn.Module, config: ConvertConfig, context: TransformContext) -> tuple[nn.Module, Record]:
+    """Replace MODEL's convolutions by fitted depthwise-separable ones.
+
+    With ``config.plan``, the model is built to a saved plan instead. A model with nothing to convert is an error unless ``config.allow_unchanged``, so that a
+    pipeline does not go on with a model it did not change.
+    """
+    if config.plan:
+        return apply_layout(model, config.plan, context.input_size)
+    model, record = convert(model, context.input_size, config)
+    if not record.layers and not config.allow_unchanged:
+        reasons: dict[str, int] = {}
+        for skipped in record.skipped:
+            reasons[skipped["reason"]] = reasons.get(skipped["reason"], 0) + 1
+        why = "; ".join(f"{count} {reason}" for reason, count in reasons.items()) or "it has no conv layers"
+        raise DscompressError(f"nothing to convert in {context.label}: {why}; pass --allow-unchanged to save it as it is")
+    return model, record

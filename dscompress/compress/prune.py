@@ -35,6 +35,7 @@ from dscompress.compress.prune_tp import DS_PRUNER, make_importance
 from dscompress.core.config import Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError, does_not_run
 from dscompress.core.selection import check_pattern, matches, outermost
+from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import model_device
 from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 from dscompress.nn.metrics import count_macs, count_params
@@ -411,3 +412,9 @@ def _check_something_to_prune(pruner: tp.pruner.BasePruner, config: PruneConfig)
             f"--ratio {config.ratio} removes less than one channel from every layer (the widest prunable one has "
             f"{max(channels)}); use --ratio of at least {1 / max(channels):.2g}"
         )
+
+
+@register_transform(PruneConfig)
+def prune_transform(model: nn.Module, config: PruneConfig, context: TransformContext) -> tuple[nn.Module, PruneRecord]:
+    """Remove MODEL's least important channels (Torch-Pruning)."""
+    return prune(model, context.input_size, config)

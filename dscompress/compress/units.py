@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from dscompress.compress.convert import ConvCall
+from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
 from dscompress.nn.layers import DepthwiseSeparableConv2d
+from dscompress.nn.metrics import count_macs, count_params
 
 PLAN_FORMAT = "dscompress-plan"
 PLAN_VERSION = 1
@@ -71,10 +73,11 @@ def candidate_name(rank: int | None, prune: float = 0.0) -> str:
     return "+".join(parts) or "dense"
 
 
-def find_units(model: nn.Module, input_size, convertible: dict[str, ConvCall]) -> list[Unit]:
+def find_units(model: nn.Module, input_size, convertible: dict) -> list[Unit]:
     """The units of ``model``: pairs found with Torch-Pruning's dependency graph (a group whose
     only layers are one convertible conv's outputs, its BatchNorms and one conv's inputs), and
-    every other convertible conv alone, in forward order."""
+    every other convertible conv alone, in forward order. ``convertible`` is
+    :func:`~dscompress.compress.convert.convertible`'s answer (each conv's call)."""
     model = copy.deepcopy(model)  # the dependency graph follows autograd: every weight must require grad
     for p in model.parameters():
         p.requires_grad_(True)
@@ -213,3 +216,40 @@ def layout_of(units: list[Unit], options: list[Option], kept: list[list[int] | N
             for unit, option, channels in zip(units, options, kept)
         ],
     }
+
+
+@dataclass
+class PlannedConversion(Record):
+    """What ``convert --plan`` did: each planned layer's choice, and the pruned layers' kept channels."""
+
+    plan: str
+    layers: dict[str, str]
+    kept: dict[str, list[int]]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+
+def read_layout(path: str) -> dict:
+    """The layout in a ``plan.json`` file, or one line saying why it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DscompressError(f"plan {path!r} does not exist; `dscompress plan` writes plan.json into its output folder") from None
+    except (OSError, ValueError) as e:
+        raise DscompressError(f"cannot read plan {path!r}: {e}") from None
+
+
+def apply_layout(model: nn.Module, path: str, input_size) -> tuple[nn.Module, PlannedConversion]:
+    """A copy of ``model`` built to the plan saved at ``path`` (:func:`build`), and its record."""
+    layout = read_layout(path)
+    planned, kept = build(model, layout)
+    layers = {}
+    for unit in layout["units"]:
+        for position, layer in enumerate(unit["layers"]):
+            layers[layer] = Option(tuple(unit["ranks"]), float(unit.get("prune", 0.0))).label(position)
+    record = PlannedConversion(path, layers, kept, count_params(model), count_params(planned),
+                               count_macs(model, input_size), count_macs(planned, input_size))
+    return planned, record

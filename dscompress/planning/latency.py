@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from dscompress.compress.convert import convertible
+from dscompress.compress.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
 from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, eval_mode, torch_threads, write_json
 from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
-from dscompress.compress.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
 
 CACHE_ENV = "DSCOMPRESS_CACHE"
 CACHE_VERSION = 3

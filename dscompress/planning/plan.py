@@ -51,15 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dscompress.compress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, refit_layer
+from dscompress.compress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, calibration_batches, refit_layer
 from dscompress.compress.convert import convertible
-from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
-from dscompress.core.errors import DscompressError
-from dscompress.core.util import QUIET, Progress, eval_mode, write_json
-from dscompress.data.datasets import DataSpec
-from dscompress.deploy.profile import Runtime
-from dscompress.nn.metrics import conv_macs, count_macs
-from dscompress.planning.latency import Timer, default_cache, latency_table
 from dscompress.compress.units import (
     Option,
     Unit,
@@ -72,6 +65,14 @@ from dscompress.compress.units import (
     pair_channels,
     unit_options,
 )
+from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
+from dscompress.core.errors import DscompressError
+from dscompress.core.transform import TransformContext, register_transform
+from dscompress.core.util import QUIET, Progress, eval_mode, write_json
+from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
+from dscompress.deploy.profile import Runtime
+from dscompress.nn.metrics import conv_macs, count_macs
+from dscompress.planning.latency import Timer, default_cache, latency_table
 
 # The latency (or MAC) budget is split into this many steps for the solver.
 RESOLUTION = 2000
@@ -310,6 +311,7 @@ class PlanRecord(Record):
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     table_original_ms: float | None = None
+    test_images: int | None = None
 
 
 def uniform_plans(options: list[list[Option]]) -> dict[str, list[int]]:
@@ -667,3 +669,23 @@ def _out_pixels(model: nn.Module, input_size, names: list[str]) -> dict[str, int
         for handle in handles:
             handle.remove()
     return pixels
+
+
+@register_transform(PlanConfig)
+def plan_transform(model: nn.Module, config: PlanConfig, context: TransformContext) -> tuple[nn.Module, PlanRecord]:
+    """Choose per layer dense / depthwise-separable / pruned for a target speed-up on a runtime, and build it.
+
+    Calibration and damage take batches of the data's train split; top-1 before and after is on
+    its test split (classification only).
+    """
+    if config.data is None:
+        raise DscompressError("plan needs images to calibrate and to measure damage: give --data SPEC (e.g. --data digits)")
+    size = context.input_size
+    train = load_dataset(config.data, size, split="train")
+    check_classes(train, model, size, data_name=config.data, task=context.task, model_name=context.label)
+    count = config.batches + math.ceil(config.held_out / config.batch_size)
+    batches = calibration_batches(config.data, size, count, config.batch_size, config.seed)
+    test = load_dataset(config.data, size, split="test") if context.task == "classification" else None
+    model, record = plan(model, size, config, batches, make_loader(test, 256) if test is not None else None, progress=context.progress)
+    record.test_images = len(test) if test is not None else None
+    return model, record

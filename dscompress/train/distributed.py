@@ -29,6 +29,12 @@ class World:
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
 
+    @classmethod
+    def launched(cls) -> World:
+        """The world torchrun started this process in (from its environment, so also before the
+        process group is joined and after it is left)."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
 
 def init_distributed(device: str = "auto") -> bool:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); False when there is none.

@@ -37,6 +37,8 @@ writes checkpoints.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -53,8 +55,9 @@ from torchvision.transforms import v2
 
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError, DscompressWarning
+from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, Progress
-from dscompress.data.datasets import DataSpec, check_classes, data_task, make_loader, num_classes
+from dscompress.data.datasets import DataSpec, check_classes, check_task, data_task, load_dataset, make_loader, num_classes
 from dscompress.nn.metrics import IGNORE_INDEX, segmentation_scores
 from dscompress.train.checkpoint import (
     check_resumable,
@@ -66,7 +69,7 @@ from dscompress.train.checkpoint import (
     set_rng_state,
 )
 from dscompress.train.distill import distillation_loss
-from dscompress.train.distributed import World, broadcast_buffers, process_device, sum_across
+from dscompress.train.distributed import World, barrier, broadcast_buffers, destroy, init_distributed, process_device, sum_across
 from dscompress.train.evaluate import task_scores
 
 TEACHER_ORIGINAL = "original"
@@ -706,3 +709,64 @@ def _epoch_line(e: EpochRecord, total: int) -> str:
         val = f"  val {e.val_top1:.2f}%" if e.val_top1 is not None else ""
         scores = f"train {e.train_top1:.2f}%{val}  test {e.test_top1:.2f}%"
     return f"epoch {e.epoch}/{total}: loss {e.train_loss:.4f}  {scores}  lr {e.lr:.3g}  {e.images_per_s:,.0f} img/s  {e.seconds:.1f}s"
+
+
+@register_transform(FinetuneConfig)
+def finetune_transform(model: nn.Module, config: FinetuneConfig, context: TransformContext) -> tuple[nn.Module, FinetuneRecord]:
+    """Fine-tune MODEL by distillation from its original (or train it: --teacher none).
+
+    Checkpoints live in ``context.work_dir`` (if given) until the result is saved; a plain model
+    (``context.rebuild``) is built again under the seed, so that its init, too, repeats. Under
+    torchrun every process trains and joins the group here.
+    """
+    work_dir = context.work_dir
+    has_checkpoint = work_dir is not None and os.path.isfile(checkpoint_path(work_dir))
+    if context.resume and not has_checkpoint:
+        raise DscompressError(f"--resume: no checkpoint to resume from in {work_dir}; run without --resume to start")
+    if not context.resume and has_checkpoint and not context.force:
+        raise DscompressError(f"{work_dir} holds an unfinished run of this output; continue it with --resume, or start over with --force")
+    teacher, teacher_label = _teacher(config, context)
+    if context.rebuild is not None:
+        torch.manual_seed(config.seed)
+        model = context.rebuild()
+    train_data = load_dataset(config.data, context.input_size, split="train")
+    test_data = load_dataset(config.data, context.input_size, split="test")
+    check_task(train_data, context.task, config.data, context.label)
+    started = init_distributed(config.device)
+    try:
+        world = World.current()
+        if work_dir is not None and world.writer and not context.resume and os.path.isdir(work_dir):
+            shutil.rmtree(work_dir)
+        model, record = finetune(model, teacher, train_data, test_data, config, checkpoint_dir=work_dir, resume=context.resume,
+                                 progress=context.progress, teacher_label=teacher_label, task=context.task)
+        barrier(world)
+    finally:
+        if started:
+            destroy()
+    return model.cpu(), record
+
+
+def _teacher(config: FinetuneConfig, context: TransformContext) -> tuple[nn.Module | None, str | None]:
+    """The frozen teacher the config names, and a label for it."""
+    if config.teacher == TEACHER_NONE:
+        return None, None
+    if config.teacher == TEACHER_ORIGINAL:
+        if context.rebuild is not None:
+            raise DscompressError(
+                f"{context.label} is a plain model, so its default teacher would be a copy of itself; "
+                "pass --teacher none to train it on labels (a baseline), or --teacher DIR to distill from a trained artifact"
+            )
+        if context.original is None:
+            raise DscompressError(f"{context.label} keeps no original model to distill from; pass --teacher DIR or --teacher none")
+        return context.original(), f"{context.label} (original)"
+    if context.load is None:
+        raise DscompressError(f"--teacher {config.teacher}: a teacher named by path needs a loader; give the teacher model itself")
+    other = context.load(config.teacher)
+    if other.spec.task != context.task:
+        raise DscompressError(f"the teacher {config.teacher} is a {other.spec.task} model and {context.label} a {context.task} one; choose a teacher of the same task")
+    if other.spec.num_classes not in (None, context.num_classes) and context.num_classes is not None:
+        raise DscompressError(f"the teacher {config.teacher} has {other.spec.num_classes} classes, the model {context.num_classes}")
+    teacher = other.model
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval(), other.label
