@@ -26,6 +26,7 @@ at 3x64x64 then "reached" a 50x target).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import cpuinfo
 import torch
 from torch import nn
 
@@ -56,14 +58,14 @@ def device_name(runtime: str) -> str:
     """What the runtime runs on, as precisely as the machine says (the CPU model or the GPU)."""
     if runtime.endswith(("cuda", "trt")) and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpu_name()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    """The CPU's model (py-cpuinfo: /proc/cpuinfo's ``model name`` on Linux, the registry or sysctl
+    elsewhere); kept for the process, as py-cpuinfo asks a subprocess and takes about a second."""
+    return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor() or platform.machine()
 
 
 def architecture(model: nn.Module) -> str:
