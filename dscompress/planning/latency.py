@@ -41,7 +41,7 @@ from torch import nn
 from dscompress.compress.convert import convertible
 from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
-from dscompress.core.util import QUIET, Progress, eval_mode, torch_threads, write_json
+from dscompress.core.util import QUIET, JsonCache, Progress, eval_mode, torch_threads
 from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
 from dscompress.compress.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
 
@@ -101,14 +101,7 @@ class Timer:
             "runtime": runtime, "device": device_name(runtime), "threads": self.threads, "batch": batch_size,
             "torch": torch.__version__, "onnxruntime": _ort_version(), "version": CACHE_VERSION,
         }
-        self.entries: dict[str, dict] = {}
-        self.measured = 0
-        if self.cache_path and os.path.isfile(self.cache_path):
-            try:
-                with open(self.cache_path) as f:
-                    self.entries = json.load(f)
-            except (OSError, ValueError):
-                self.entries = {}  # a damaged cache is measured again
+        self.cache = JsonCache(self.cache_path)
 
     def key(self, model: nn.Module, input_size) -> str:
         text = json.dumps({**self.context, "architecture": architecture(model), "input": list(input_size)}, sort_keys=True)
@@ -118,12 +111,11 @@ class Timer:
         """``{"total": ms, "layers": {name: ms}}``: the model's time (no profiler) and each layer's
         inside it (cached)."""
         key = self.key(model, input_size)
-        if key not in self.entries:
+        if key not in self.cache:
             with torch_threads(self.threads):
                 record = profile(model, input_size, self.config())
-            self.entries[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
-            self.measured += 1
-        return self.entries[key]
+            self.cache[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
+        return self.cache[key]
 
     def time_module(self, model: nn.Module, input_size) -> float:
         """The model's median ms per run, measured now (not cached, no profiler): for checking a prediction."""
@@ -134,9 +126,7 @@ class Timer:
         return ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters)
 
     def save(self) -> None:
-        if self.cache_path and self.measured:
-            write_json(self.cache_path, self.entries)
-            self.measured = 0
+        self.cache.save()
 
 
 def _ort_version() -> str:
