@@ -1,5 +1,6 @@
 """Latency tables: every candidate timed inside the model, cached, and a whole model predicted from them."""
 
+import os
 import time
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import make_tiny
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.compress.units import candidate_name, round_channels
 from dscompress.core.errors import DscompressError
-from dscompress.planning.latency import Timer, latency_table
+from dscompress.planning.latency import Timer, device_name, latency_table
 
 SIZE = (3, 64, 64)
 
@@ -81,6 +82,17 @@ def test_the_profilers_own_cost_is_not_charged_to_the_layers(tmp_path):
     assert 0 <= table.rest_ms < table.total_ms
     assert inflated.rest_ms == pytest.approx(table.rest_ms, abs=1e-4)
     assert [layer.ms for layer in inflated.layers] == [pytest.approx(layer.ms, abs=1e-4) for layer in table.layers]
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="no /proc/cpuinfo to compare with")
+def test_the_cpu_keeps_the_name_the_cache_keys_had():
+    """The CPU's name is in every cache key: py-cpuinfo must give /proc/cpuinfo's model name, as
+    the parser it replaced did, or every cached table would be measured again."""
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    if not names:
+        pytest.skip("/proc/cpuinfo names no model")
+    assert device_name("ort-cpu") == names[0]
 
 
 def test_channels_round_down_to_multiples():

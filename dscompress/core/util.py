@@ -1,4 +1,4 @@
-"""Small helpers every layer uses: atomic writes, hashing, number formatting, model plumbing.
+"""Small helpers every layer uses: atomic writes, shared caches, hashing, number formatting, model plumbing.
 
 Nothing here knows about convolutions, artifacts or the command line.
 """
@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 
+import filelock
 import psutil
 import torch
 from torch import nn
@@ -105,6 +106,50 @@ def write_json(path: str, data) -> None:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, default=str)
             f.write("\n")
+
+
+class JsonCache:
+    """Entries (JSON values by string key) kept in a JSON file that several processes may fill at once.
+
+    It opens with what the file holds (nothing when it is missing or damaged: those entries are
+    measured again). :meth:`save` merges the entries set since into the file as it is then, under
+    a lock beside it (``<path>.lock``), and writes it atomically: two processes measuring into one
+    cache both keep theirs. ``path=None`` keeps nothing on disk.
+    """
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.entries = self._read()
+        self.added: dict = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key: str):
+        return self.entries[key]
+
+    def __setitem__(self, key: str, value) -> None:
+        self.entries[key] = self.added[key] = value
+
+    def _read(self) -> dict:
+        if not self.path or not os.path.isfile(self.path):
+            return {}
+        try:
+            with open(self.path) as f:
+                entries = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def save(self) -> None:
+        """Merge the entries set since the last save into the file (a key both set: this one's wins)."""
+        if not self.path or not self.added:
+            return
+        check_writable(self.path)
+        with filelock.FileLock(self.path + ".lock"):
+            self.entries = {**self._read(), **self.added}
+            write_json(self.path, self.entries)
+        self.added = {}
 
 
 def write_text(path: str, text: str) -> None:

@@ -272,7 +272,9 @@ def _time_interleaved(runners: list[_Runner], warmup: int, iters: int, block: in
 
     Each turn starts with a pause of ``SETTLE_S`` and one untimed run: the runtime that ran
     before may leave threads spinning or caches cold for a moment, and that belongs to the switch,
-    not to the model.
+    not to the model. A hand loop, not ``torch.utils.benchmark.Timer``: Timer times one statement
+    alone, in blocks, while here PyTorch and ONNX Runtime runners take turns (so drift hits all
+    alike) and every run is a sample of the percentiles.
     """
     rounds = -(-iters // block)
     progress.start(f"bench batch {runners[0].batch_size}" if runners else "bench", warmup + rounds)

@@ -239,6 +239,11 @@ def _scope_to_module(parts: list[str]) -> str:
 
 
 def _median_ms(run, warmup: int, iters: int) -> float:
+    """The median ms of ``iters`` runs after ``warmup`` untimed ones (``run`` synchronizes CUDA itself).
+
+    A hand loop, not ``torch.utils.benchmark.Timer``: ONNX Runtime's and PyTorch's totals are timed
+    alike, and Timer gives means of blocks (of its own size in ``blocked_autorange``), not the median of single runs.
+    """
     for _ in range(warmup):
         run()
     samples = []

@@ -26,6 +26,7 @@ at 3x64x64 then "reached" a 50x target).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import cpuinfo
 import torch
 from torch import nn
 
@@ -40,7 +42,7 @@ from dscompress.compress.convert import convertible
 from dscompress.compress.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
 from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
-from dscompress.core.util import QUIET, Progress, eval_mode, torch_threads, write_json
+from dscompress.core.util import QUIET, JsonCache, Progress, eval_mode, torch_threads
 from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
 
 CACHE_ENV = "DSCOMPRESS_CACHE"
@@ -56,14 +58,14 @@ def device_name(runtime: str) -> str:
     """What the runtime runs on, as precisely as the machine says (the CPU model or the GPU)."""
     if runtime.endswith(("cuda", "trt")) and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpu_name()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    """The CPU's model (py-cpuinfo: /proc/cpuinfo's ``model name`` on Linux, the registry or sysctl
+    elsewhere); kept for the process, as py-cpuinfo asks a subprocess and takes about a second."""
+    return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor() or platform.machine()
 
 
 def architecture(model: nn.Module) -> str:
@@ -99,14 +101,7 @@ class Timer:
             "runtime": runtime, "device": device_name(runtime), "threads": self.threads, "batch": batch_size,
             "torch": torch.__version__, "onnxruntime": _ort_version(), "version": CACHE_VERSION,
         }
-        self.entries: dict[str, dict] = {}
-        self.measured = 0
-        if self.cache_path and os.path.isfile(self.cache_path):
-            try:
-                with open(self.cache_path) as f:
-                    self.entries = json.load(f)
-            except (OSError, ValueError):
-                self.entries = {}  # a damaged cache is measured again
+        self.cache = JsonCache(self.cache_path)
 
     def key(self, model: nn.Module, input_size) -> str:
         text = json.dumps({**self.context, "architecture": architecture(model), "input": list(input_size)}, sort_keys=True)
@@ -116,12 +111,11 @@ class Timer:
         """``{"total": ms, "layers": {name: ms}}``: the model's time (no profiler) and each layer's
         inside it (cached)."""
         key = self.key(model, input_size)
-        if key not in self.entries:
+        if key not in self.cache:
             with torch_threads(self.threads):
                 record = profile(model, input_size, self.config())
-            self.entries[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
-            self.measured += 1
-        return self.entries[key]
+            self.cache[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
+        return self.cache[key]
 
     def time_module(self, model: nn.Module, input_size) -> float:
         """The model's median ms per run, measured now (not cached, no profiler): for checking a prediction."""
@@ -132,9 +126,7 @@ class Timer:
         return ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters)
 
     def save(self) -> None:
-        if self.cache_path and self.measured:
-            write_json(self.cache_path, self.entries)
-            self.measured = 0
+        self.cache.save()
 
 
 def _ort_version() -> str:

@@ -68,7 +68,7 @@ from dscompress.compress.units import (
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError
 from dscompress.core.transform import TransformContext, register_transform
-from dscompress.core.util import QUIET, Progress, eval_mode, write_json
+from dscompress.core.util import QUIET, JsonCache, Progress, eval_mode
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
 from dscompress.deploy.profile import Runtime
 from dscompress.nn.metrics import conv_macs, count_macs
@@ -151,27 +151,6 @@ def kl_damage(model: nn.Module, reference: list[torch.Tensor], images: list[torc
         agree += float((ref.argmax(1) == out.argmax(1)).sum())
         count += kl.numel()
     return total / count, 100.0 * agree / count
-
-
-class DamageCache:
-    """Damages measured before, on disk beside the latency cache, keyed by the model's weights,
-    the unit, the option and the images."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self.entries: dict[str, list[float]] = {}
-        if path and os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    self.entries = json.load(f)
-            except (OSError, ValueError):
-                self.entries = {}
-        self.changed = False
-
-    def save(self) -> None:
-        if self.path and self.changed:
-            write_json(self.path, self.entries)
-            self.changed = False
 
 
 def model_digest(model: nn.Module) -> str:
@@ -599,7 +578,7 @@ def _split_batches(batches, config: PlanConfig) -> tuple[list[torch.Tensor], lis
 
 def _damages(model, units, options, calibration, held_out, config, progress):
     """Damage and top-1 agreement of every option alone, with its layers refitted; and kept channels."""
-    cache = DamageCache(os.path.join(os.path.dirname(default_cache()), "damage.json"))
+    cache = JsonCache(os.path.join(os.path.dirname(default_cache()), "damage.json"))  # by the model's weights, the unit, the option and the images
     digest = hashlib.sha256(json.dumps({
         "model": model_digest(model), "calibration": [float(x.sum()) for x in calibration], "held_out": [float(x.sum()) for x in held_out],
         "round_to": config.round_to, "version": 1,
@@ -615,20 +594,19 @@ def _damages(model, units, options, calibration, held_out, config, progress):
             kept = pair_channels(model, unit, choice.prune, config.round_to) if unit.is_pair else None
             unit_kept.append(kept)
             key = f"{digest}|{unit.name}|{choice.ranks}|{choice.prune}"
-            if key not in cache.entries:
+            if key not in cache:
                 if choice.ranks == tuple(None for _ in unit.layers) and not choice.prune:
-                    cache.entries[key] = [0.0, 100.0]
+                    cache[key] = [0.0, 100.0]
                 else:
                     apply_option(work, unit, choice, kept)
                     for position, layer in enumerate(unit.layers):
                         converted = choice.ranks[position] is not None
                         if converted or (position == 1 and kept is not None):  # a pruned producer keeps its kept rows
                             refit_layer(work, model, layer, calibration, out_channels=kept if position == 0 else None)
-                    cache.entries[key] = list(kl_damage(work, reference, held_out))
+                    cache[key] = list(kl_damage(work, reference, held_out))
                     for name, module in saved.items():
                         work.set_submodule(name, module)
-                cache.changed = True
-            damage, agreement = cache.entries[key]
+            damage, agreement = cache[key]
             unit_damage.append(damage)
             unit_agreement.append(agreement)
             progress.advance(1, unit.name)
