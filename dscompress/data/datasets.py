@@ -344,6 +344,8 @@ def check_mask(mask: np.ndarray, classes: int, where: str) -> None:
 
 
 def _voc(root: str, split: str, input_size) -> Dataset:
+    """Kept over torchvision's VOCSegmentation, which wants ROOT/VOCdevkit/VOC2012 exactly and checks
+    no listed file: this takes the VOC2012 folder wherever it is and names a missing file up front."""
     candidates = [root, os.path.join(root, "VOC2012"), os.path.join(root, "VOCdevkit", "VOC2012")]
     base = next((c for c in candidates if os.path.isdir(os.path.join(c, "JPEGImages"))), None)
     if base is None:
@@ -404,7 +406,11 @@ def _segfolder_classes(root: str) -> list[str]:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not.
+
+    Kept over torchvision's ``read_image_file``/``read_label_file``, which open plain files only
+    (no .gz) and assert on a bad header: this reads .gz in place and says in one line what is wrong.
+    """
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -446,32 +452,24 @@ def _cifar(kind: str, root: str, split: str, input_size) -> Dataset:
     import torchvision
 
     base = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
-
-    class LocalCIFAR(base):
-        # The md5 sums only guard downloads; re-packed local copies are trusted as they are.
-        def _check_integrity(self) -> bool:
-            files = self.train_list + self.test_list
-            return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name, _ in files)
-
-        def _load_meta(self) -> None:
-            import pickle
-
-            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-            if not os.path.isfile(path):
-                raise RuntimeError(f"no {self.meta['filename']} (the class names)")
-            with open(path, "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-    folder = LocalCIFAR.base_folder
+    folder = base.base_folder
     if os.path.basename(os.path.normpath(root)) == folder:
         root = os.path.dirname(os.path.normpath(root))
     if not os.path.isdir(os.path.join(root, folder)):
         raise DscompressError(f"{kind}: no {folder}/ under {root}; put the CIFAR python batches there (dscompress does not download data)")
-    try:
-        dataset = LocalCIFAR(root, train=split == "train", download=False)
-    except RuntimeError as e:
-        raise DscompressError(f"{kind}: {e} (looked in {os.path.join(root, folder)})") from None
+    files = [name for name, _ in base.train_list + base.test_list] + [base.meta["filename"]]
+    missing = [name for name in files if not os.path.isfile(os.path.join(root, folder, name))]
+    if missing:
+        raise DscompressError(f"{kind}: {os.path.join(root, folder)} lacks {', '.join(missing)}; put all the CIFAR python batches there")
+
+    class LocalCIFAR(base):
+        # Without md5 sums torchvision only checks that the files are there: the sums guard
+        # downloads, and a local copy (perhaps re-packed) is trusted as it is.
+        train_list = [[name, None] for name, _ in base.train_list]
+        test_list = [[name, None] for name, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    dataset = LocalCIFAR(root, train=split == "train", download=False)
     return _ShapedImages(dataset, input_size, list(dataset.classes))
 
 
