@@ -537,30 +537,12 @@ def check_task(dataset: Dataset, task: str, data_name: str = "the data", model_n
     )
 
 
-# The output of one image batch for each task: logits (N, classes) or per-pixel logits (N, classes, H, W).
-OUTPUT_DIMS = {"classification": 2, "segmentation": 4}
-
-
-def check_classes(dataset: Dataset, model: torch.nn.Module, input_size, data_name: str = "the data",
-                  task: str = "classification", model_name: str = "the model") -> None:
-    """Raise one line when the data does not fit the model: labels of another task (see
-    :func:`check_task`), an output of the wrong shape for ``task``, or a head without one output
-    per class of the dataset."""
-    device = next(model.parameters(), torch.empty(0)).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        output = model(torch.zeros(1, *input_size, device=device))
-    model.train(was_training)
-    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    per_pixel = isinstance(output, torch.Tensor) and output.dim() == 4
-    if task == "classification" and per_pixel:
-        raise DscompressError(f"{model_name} returns {shape} (per-pixel logits: if it is a segmentation model, say so with --task segmentation)")
+def check_classes(dataset: Dataset, outputs: int, data_name: str = "the data", task: str = "classification",
+                  model_name: str = "the model") -> None:
+    """Raise one line when the data does not fit a ``task`` model with ``outputs`` outputs (see
+    :func:`~dscompress.models.build.output_classes`): labels of another task (see
+    :func:`check_task`), or not one class of the dataset per output."""
     check_task(dataset, task, data_name, model_name)
-    if not isinstance(output, torch.Tensor) or output.dim() != OUTPUT_DIMS[task]:
-        expected = "(N, classes)" if task == "classification" else "(N, classes, H, W)"
-        raise DscompressError(f"{model_name} returns {shape}, but a {task} model returns one tensor {expected}")
-    outputs = output.shape[1]
     classes = num_classes(dataset)
     if outputs != classes:
         raise DscompressError(

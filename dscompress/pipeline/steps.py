@@ -48,7 +48,7 @@ from dscompress.deploy.export import ExportConfig, ExportRecord, export_onnx
 from dscompress.deploy.ort import read_onnx
 from dscompress.deploy.profile import ProfileConfig, profile
 from dscompress.deploy.validate import ValidateConfig, ValidationRecord, validate_onnx
-from dscompress.models.build import build_model
+from dscompress.models.build import build_model, output_classes
 from dscompress.nn.metrics import count_macs, count_params
 from dscompress.planning.plan import PlanConfig, plan
 from dscompress.compress.units import Option
@@ -273,7 +273,8 @@ def calibration_images(source: Source, config: CalibrateConfig) -> list[torch.Te
     if config.data is None:
         raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
     dataset = load_dataset(config.data, source.spec.input_size, split="train")
-    check_classes(dataset, source.model, source.spec.input_size, data_name=config.data, task=source.spec.task, model_name=source.label)
+    outputs = output_classes(source.model, source.spec.input_size, source.spec.task, source.label)
+    check_classes(dataset, outputs, data_name=config.data, task=source.spec.task, model_name=source.label)
     return calibration_batches(config.data, source.spec.input_size, config.batches, config.batch_size, config.seed)
 
 
@@ -513,7 +514,8 @@ def plan_step(source: Source, config: PlanConfig, context: StepContext) -> StepO
         raise DscompressError("plan needs images to calibrate and to measure damage: give --data SPEC (e.g. --data digits)")
     size = source.spec.input_size
     train = load_dataset(config.data, size, split="train")
-    check_classes(train, source.model, size, data_name=config.data, task=source.spec.task, model_name=source.label)
+    outputs = output_classes(source.model, size, source.spec.task, source.label)
+    check_classes(train, outputs, data_name=config.data, task=source.spec.task, model_name=source.label)
     count = config.batches + math.ceil(config.held_out / config.batch_size)
     batches = calibration_batches(config.data, size, count, config.batch_size, config.seed)
     test = load_dataset(config.data, size, split="test")

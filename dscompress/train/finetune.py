@@ -55,6 +55,7 @@ from dscompress.core.config import ConfigError, Record, StepConfig, check_range,
 from dscompress.core.errors import DscompressError, DscompressWarning
 from dscompress.core.util import QUIET, Progress
 from dscompress.data.datasets import DataSpec, check_classes, data_task, make_loader, num_classes
+from dscompress.models.build import output_classes
 from dscompress.nn.metrics import IGNORE_INDEX, segmentation_scores
 from dscompress.train.checkpoint import (
     check_resumable,
@@ -612,7 +613,8 @@ def finetune(
     """
     config = config or FinetuneConfig()
     input_size = tuple(train_data[0][0].shape)
-    check_classes(train_data, student.to(process_device(config.device)), input_size, data_name=config.data, task=task)
+    outputs = output_classes(student.to(process_device(config.device)), input_size, task)
+    check_classes(train_data, outputs, data_name=config.data, task=task)
     if teacher is not None:
         _check_teacher(student, teacher, train_data, input_size, config)
     if resume and checkpoint_dir is None:
