@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -563,3 +563,13 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, worker
         generator=generator,
         persistent_workers=workers > 0,
     )
+
+
+def split_validation(dataset: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation): a seeded ``share`` of ``dataset`` held out."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = max(1, int(round(share * len(dataset))))
+    train, val = Subset(dataset, sorted(order[held:])), Subset(dataset, sorted(order[:held]))
+    train.classes = val.classes = dataset.classes
+    train.task = val.task = data_task(dataset)
+    return train, val
