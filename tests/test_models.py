@@ -4,7 +4,7 @@ from safetensors.torch import save_file
 
 import dscompress
 from dscompress.core.errors import DscompressError
-from dscompress.models.build import ModelSpec, build_model, list_models, parse_input_size, read_state_dict
+from dscompress.models.build import ModelSpec, build_model, list_models, output_classes, parse_input_size, read_state_dict
 
 
 def test_unknown_name_suggests_close_ones():
@@ -119,3 +119,24 @@ def test_mnasnet_state_dict_versions_survive_artifacts(tmp_path):
     source = dscompress.resolve("mnasnet0_5", num_classes=3, input_size=(3, 32, 32))
     dscompress.convert_artifact(source, str(tmp_path / "m"), dscompress.ConvertConfig(rank=1, allow_unchanged=True))  # all its KxK convs are depthwise
     assert dscompress.load(str(tmp_path / "m"))(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_output_classes_runs_the_model_in_eval_mode_and_checks_the_output_for_the_task(tiny):
+    from conftest import tiny_seg
+
+    tiny.train()
+    assert output_classes(tiny, (3, 16, 16)) == 10 and tiny.training  # its mode is given back
+    assert output_classes(tiny_seg(7), (3, 32, 32), "segmentation") == 7
+    with pytest.raises(DscompressError, match=r"seg returns \(1, 7, 32, 32\) \(per-pixel logits: .* --task segmentation\)"):
+        output_classes(tiny_seg(7), (3, 32, 32), "classification", "seg")
+    with pytest.raises(DscompressError, match=r"the model returns \(1, 10\), but a segmentation model returns one tensor \(N, classes, H, W\)"):
+        output_classes(tiny, (3, 16, 16), "segmentation")
+    with pytest.raises(DscompressError, match="returns tuple, but a classification model returns one tensor"):
+        output_classes(torch.nn.Sequential(tiny, Pair()), (3, 16, 16))
+
+
+class Pair(torch.nn.Module):
+    """Two outputs where one is expected."""
+
+    def forward(self, x):
+        return x, x

@@ -22,11 +22,12 @@ from dscompress.compress.calibrate import CalibrateConfig, calibrate
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.compress.prune import PruneConfig, prune
 from dscompress.core.errors import DscompressError
+from dscompress.data.augment import Augmented
 from dscompress.data.datasets import DIGITS_SEG_INK, MEAN, STD, digits_seg_arrays, load_dataset, make_loader
 from dscompress.models.build import ModelSpec, SegmentationNet, build_model, model_tasks, segmentation_models
 from dscompress.nn.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
 from dscompress.train.distill import distillation_loss
-from dscompress.train.finetune import Augmented, FinetuneConfig, finetune
+from dscompress.train.finetune import FinetuneConfig, finetune
 
 SEGMENTATION = [
     "deeplabv3_mobilenet_v3_large",

@@ -25,12 +25,12 @@ from dscompress.artifact.format import Artifact, load, resolve
 from dscompress.cli.main import cli
 from dscompress.compress.convert import ConvertConfig
 from dscompress.core.errors import DscompressError
-from dscompress.data.datasets import load_dataset
+from dscompress.data.datasets import load_dataset, split_validation
 from dscompress.pipeline.steps import convert_artifact, work_folder
 from dscompress.train.checkpoint import checkpoint_path, read_checkpoint
 from dscompress.train.distill import distillation_loss
 from dscompress.train.evaluate import evaluate
-from dscompress.train.finetune import FinetuneConfig, FinetuneInterrupted, finetune, split_validation, warmup_cosine
+from dscompress.train.finetune import FinetuneConfig, FinetuneInterrupted, finetune, warmup_cosine
 
 SIZE = "3,16,16"
 MODEL = "conftest:small_net"
@@ -451,7 +451,7 @@ def test_keep_best_chooses_on_held_out_training_images_not_the_test_split():
 
 
 def test_augmentation_crops_and_flips_only_when_asked():
-    from dscompress.train.finetune import Augmented
+    from dscompress.data.augment import Augmented
 
     data = load_dataset("digits", (3, 16, 16), "train")
     image, label = data[0]

@@ -60,6 +60,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, Progress, model_device, resolve_device
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
+from dscompress.models.build import output_classes
 from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 
 # The order of the two corrections; see the module docstring for the measurement behind it.
@@ -151,7 +152,8 @@ def calibration_images(model: nn.Module, config: CalibrateConfig, context: Trans
     if config.data is None:
         raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
     dataset = load_dataset(config.data, context.input_size, split="train")
-    check_classes(dataset, model, context.input_size, data_name=config.data, task=context.task, model_name=context.label)
+    outputs = output_classes(model, context.input_size, context.task, context.label)
+    check_classes(dataset, outputs, data_name=config.data, task=context.task, model_name=context.label)
     return calibration_batches(config.data, context.input_size, config.batches, config.batch_size, config.seed)
 
 

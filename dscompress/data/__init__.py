@@ -1,2 +1,2 @@
 """Datasets by spec (built-in digits and digits-seg, MNIST IDX, CIFAR, VOC, image folders), their
-preprocessing and loaders."""
+preprocessing, training augmentation, validation split and loaders."""

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -344,6 +344,8 @@ def check_mask(mask: np.ndarray, classes: int, where: str) -> None:
 
 
 def _voc(root: str, split: str, input_size) -> Dataset:
+    """Kept over torchvision's VOCSegmentation, which wants ROOT/VOCdevkit/VOC2012 exactly and checks
+    no listed file: this takes the VOC2012 folder wherever it is and names a missing file up front."""
     candidates = [root, os.path.join(root, "VOC2012"), os.path.join(root, "VOCdevkit", "VOC2012")]
     base = next((c for c in candidates if os.path.isdir(os.path.join(c, "JPEGImages"))), None)
     if base is None:
@@ -404,7 +406,11 @@ def _segfolder_classes(root: str) -> list[str]:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not.
+
+    Kept over torchvision's ``read_image_file``/``read_label_file``, which open plain files only
+    (no .gz) and assert on a bad header: this reads .gz in place and says in one line what is wrong.
+    """
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -446,32 +452,24 @@ def _cifar(kind: str, root: str, split: str, input_size) -> Dataset:
     import torchvision
 
     base = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
-
-    class LocalCIFAR(base):
-        # The md5 sums only guard downloads; re-packed local copies are trusted as they are.
-        def _check_integrity(self) -> bool:
-            files = self.train_list + self.test_list
-            return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name, _ in files)
-
-        def _load_meta(self) -> None:
-            import pickle
-
-            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-            if not os.path.isfile(path):
-                raise RuntimeError(f"no {self.meta['filename']} (the class names)")
-            with open(path, "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-    folder = LocalCIFAR.base_folder
+    folder = base.base_folder
     if os.path.basename(os.path.normpath(root)) == folder:
         root = os.path.dirname(os.path.normpath(root))
     if not os.path.isdir(os.path.join(root, folder)):
         raise DscompressError(f"{kind}: no {folder}/ under {root}; put the CIFAR python batches there (dscompress does not download data)")
-    try:
-        dataset = LocalCIFAR(root, train=split == "train", download=False)
-    except RuntimeError as e:
-        raise DscompressError(f"{kind}: {e} (looked in {os.path.join(root, folder)})") from None
+    files = [name for name, _ in base.train_list + base.test_list] + [base.meta["filename"]]
+    missing = [name for name in files if not os.path.isfile(os.path.join(root, folder, name))]
+    if missing:
+        raise DscompressError(f"{kind}: {os.path.join(root, folder)} lacks {', '.join(missing)}; put all the CIFAR python batches there")
+
+    class LocalCIFAR(base):
+        # Without md5 sums torchvision only checks that the files are there: the sums guard
+        # downloads, and a local copy (perhaps re-packed) is trusted as it is.
+        train_list = [[name, None] for name, _ in base.train_list]
+        test_list = [[name, None] for name, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    dataset = LocalCIFAR(root, train=split == "train", download=False)
     return _ShapedImages(dataset, input_size, list(dataset.classes))
 
 
@@ -539,30 +537,12 @@ def check_task(dataset: Dataset, task: str, data_name: str = "the data", model_n
     )
 
 
-# The output of one image batch for each task: logits (N, classes) or per-pixel logits (N, classes, H, W).
-OUTPUT_DIMS = {"classification": 2, "segmentation": 4}
-
-
-def check_classes(dataset: Dataset, model: torch.nn.Module, input_size, data_name: str = "the data",
-                  task: str = "classification", model_name: str = "the model") -> None:
-    """Raise one line when the data does not fit the model: labels of another task (see
-    :func:`check_task`), an output of the wrong shape for ``task``, or a head without one output
-    per class of the dataset."""
-    device = next(model.parameters(), torch.empty(0)).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        output = model(torch.zeros(1, *input_size, device=device))
-    model.train(was_training)
-    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    per_pixel = isinstance(output, torch.Tensor) and output.dim() == 4
-    if task == "classification" and per_pixel:
-        raise DscompressError(f"{model_name} returns {shape} (per-pixel logits: if it is a segmentation model, say so with --task segmentation)")
+def check_classes(dataset: Dataset, outputs: int, data_name: str = "the data", task: str = "classification",
+                  model_name: str = "the model") -> None:
+    """Raise one line when the data does not fit a ``task`` model with ``outputs`` outputs (see
+    :func:`~dscompress.models.build.output_classes`): labels of another task (see
+    :func:`check_task`), or not one class of the dataset per output."""
     check_task(dataset, task, data_name, model_name)
-    if not isinstance(output, torch.Tensor) or output.dim() != OUTPUT_DIMS[task]:
-        expected = "(N, classes)" if task == "classification" else "(N, classes, H, W)"
-        raise DscompressError(f"{model_name} returns {shape}, but a {task} model returns one tensor {expected}")
-    outputs = output.shape[1]
     classes = num_classes(dataset)
     if outputs != classes:
         raise DscompressError(
@@ -583,3 +563,13 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, worker
         generator=generator,
         persistent_workers=workers > 0,
     )
+
+
+def split_validation(dataset: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation): a seeded ``share`` of ``dataset`` held out."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = max(1, int(round(share * len(dataset))))
+    train, val = Subset(dataset, sorted(order[held:])), Subset(dataset, sorted(order[:held]))
+    train.classes = val.classes = dataset.classes
+    train.task = val.task = data_task(dataset)
+    return train, val

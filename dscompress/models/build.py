@@ -394,3 +394,27 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         f"checkpoint {source!r} does not fit the model: keys {'; '.join(parts)}. "
         "Check the model name and --num-classes"
     )
+
+
+# The output of one image batch for each task: logits (N, classes) or per-pixel logits (N, classes, H, W).
+OUTPUT_DIMS = {"classification": 2, "segmentation": 4}
+
+
+def output_classes(model: nn.Module, input_size, task: str = "classification", model_name: str = "the model") -> int:
+    """The number of outputs (classes) of ``model``, run in eval mode on one zero image of
+    ``input_size`` (C, H, W); one line raised when the output is not the one tensor a ``task``
+    model returns: (N, classes), or (N, classes, H, W) for segmentation."""
+    device = next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.zeros(1, *input_size, device=device))
+    model.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    per_pixel = isinstance(output, torch.Tensor) and output.dim() == 4
+    if task == "classification" and per_pixel:
+        raise DscompressError(f"{model_name} returns {shape} (per-pixel logits: if it is a segmentation model, say so with --task segmentation)")
+    if not isinstance(output, torch.Tensor) or output.dim() != OUTPUT_DIMS[task]:
+        expected = "(N, classes)" if task == "classification" else "(N, classes, H, W)"
+        raise DscompressError(f"{model_name} returns {shape}, but a {task} model returns one tensor {expected}")
+    return output.shape[1]

@@ -71,6 +71,7 @@ from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, JsonCache, Progress, eval_mode
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
 from dscompress.deploy.profile import Runtime
+from dscompress.models.build import output_classes
 from dscompress.nn.metrics import conv_macs, count_macs
 from dscompress.planning.latency import Timer, default_cache, latency_table
 
@@ -660,7 +661,8 @@ def plan_transform(model: nn.Module, config: PlanConfig, context: TransformConte
         raise DscompressError("plan needs images to calibrate and to measure damage: give --data SPEC (e.g. --data digits)")
     size = context.input_size
     train = load_dataset(config.data, size, split="train")
-    check_classes(train, model, size, data_name=config.data, task=context.task, model_name=context.label)
+    outputs = output_classes(model, size, context.task, context.label)
+    check_classes(train, outputs, data_name=config.data, task=context.task, model_name=context.label)
     count = config.batches + math.ceil(config.held_out / config.batch_size)
     batches = calibration_batches(config.data, size, count, config.batch_size, config.seed)
     test = load_dataset(config.data, size, split="test") if context.task == "classification" else None

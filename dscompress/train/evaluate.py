@@ -12,6 +12,7 @@ from torch import nn
 from dscompress.core.config import Record, StepConfig, check_range, option
 from dscompress.core.util import QUIET, Progress, eval_mode, resolve_device
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader, num_classes
+from dscompress.models.build import output_classes
 from dscompress.nn.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
 
 
@@ -123,7 +124,8 @@ def evaluate(model: nn.Module, data: str, input_size, batch_size: int = 256, dev
     dataset = load_dataset(config.data, input_size, split="test")
     torch_device = resolve_device(config.device)
     model = model.to(torch_device)
-    check_classes(dataset, model, input_size, data_name=config.data, task=task, model_name=model_name)
+    outputs = output_classes(model, input_size, task, model_name)
+    check_classes(dataset, outputs, data_name=config.data, task=task, model_name=model_name)
     loader = make_loader(dataset, config.batch_size, workers=config.workers)
     result = task_scores(model, loader, task, num_classes(dataset), torch_device, progress)
     result.pop("confusion", None)

@@ -50,14 +50,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError, DscompressWarning
 from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, Progress
-from dscompress.data.datasets import DataSpec, check_classes, check_task, data_task, load_dataset, make_loader, num_classes
+from dscompress.data.augment import Augmented
+from dscompress.data.datasets import (
+    DataSpec,
+    check_classes,
+    check_task,
+    load_dataset,
+    make_loader,
+    num_classes,
+    split_validation,
+)
+from dscompress.models.build import output_classes
 from dscompress.nn.metrics import IGNORE_INDEX, segmentation_scores
 from dscompress.train.checkpoint import (
     check_resumable,
@@ -296,41 +304,6 @@ def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
 
 
 # --- data ----------------------------------------------------------------------------------------
-
-
-class Augmented(Dataset):
-    """Random crops of the padded image (and horizontal flips), drawn from torch's global RNG;
-    a segmentation mask is cropped and flipped with its image."""
-
-    def __init__(self, dataset: Dataset, flip: bool):
-        self.dataset = dataset
-        self.classes = dataset.classes
-        self.task = data_task(dataset)
-        _, height, width = dataset[0][0].shape
-        steps = [v2.RandomCrop((height, width), padding=max(1, min(height, width) // 8), padding_mode="reflect")]
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(steps)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, label = self.dataset[index]
-        if self.task == "segmentation":
-            image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
-            return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        return self.transform(image), label
-
-
-def split_validation(dataset: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
-    """(train, validation): a seeded ``share`` of ``dataset`` held out."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = max(1, int(round(share * len(dataset))))
-    train, val = Subset(dataset, sorted(order[held:])), Subset(dataset, sorted(order[:held]))
-    train.classes = val.classes = dataset.classes
-    train.task = val.task = data_task(dataset)
-    return train, val
 
 
 def _train_loader(dataset: Dataset, config: FinetuneConfig, world: World, device: torch.device) -> tuple[DataLoader, DistributedSampler]:
@@ -615,7 +588,8 @@ def finetune(
     """
     config = config or FinetuneConfig()
     input_size = tuple(train_data[0][0].shape)
-    check_classes(train_data, student.to(process_device(config.device)), input_size, data_name=config.data, task=task)
+    outputs = output_classes(student.to(process_device(config.device)), input_size, task)
+    check_classes(train_data, outputs, data_name=config.data, task=task)
     if teacher is not None:
         _check_teacher(student, teacher, train_data, input_size, config)
     if resume and checkpoint_dir is None:
