@@ -25,7 +25,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.data.augment import Augmented
 from dscompress.data.datasets import DIGITS_SEG_INK, MEAN, STD, digits_seg_arrays, load_dataset, make_loader
 from dscompress.models.build import ModelSpec, SegmentationNet, build_model, model_tasks, segmentation_models
-from dscompress.nn.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
+from dscompress.nn.metrics import IGNORE_INDEX, check_targets, in_percent, task_metrics
 from dscompress.train.distill import distillation_loss
 from dscompress.train.finetune import FinetuneConfig, finetune
 
@@ -184,15 +184,15 @@ def test_voc_and_segfolder_layouts(tmp_path):
 def test_miou_matches_a_hand_computed_case():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, IGNORE_INDEX, 0]])
     predicted = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
-    confusion = confusion_matrix(predicted, target, num_classes=4)
-    assert confusion.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
-    scores = segmentation_scores(confusion)
+    metrics = task_metrics("segmentation", 4)
+    metrics.update(predicted, target)
+    scores = in_percent(metrics.compute())
     # class 0: TP 2, FP 1, FN 1 -> 2/4; class 1: 2/3; class 2: 1/2; class 3 is absent: left out.
     assert scores["iou"][:3] == pytest.approx([50.0, 200 / 3, 50.0]) and scores["iou"][3] is None
     assert scores["miou"] == pytest.approx((50 + 200 / 3 + 50) / 3)
-    assert scores["pixel_acc"] == pytest.approx(100 * 5 / 7) and scores["pixels"] == 7  # the ignored pixel is not scored
+    assert scores["pixel_acc"] == pytest.approx(100 * 5 / 7)  # the ignored pixel is not scored
     with pytest.raises(DscompressError, match="holds class 4, outside 0..3"):
-        confusion_matrix(predicted, torch.full_like(target, 4), num_classes=4)
+        check_targets(torch.full_like(target, 4), num_classes=4)
 
 
 def test_per_pixel_distillation():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import GPU, ORT_LISTS_CUDA, make_tiny
+from conftest import GPU, ORT_LISTS_CUDA, make_tiny, tiny_seg
 from torch import nn
 
 from dscompress.cli.main import cli
@@ -16,6 +16,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.ort import open_session, parse_providers
 from dscompress.deploy.validate import ValidateConfig, compare_outputs, top1_agreement, validate_onnx
+from dscompress.nn.metrics import IGNORE_INDEX
 
 SIZE = (3, 32, 32)
 
@@ -125,6 +126,9 @@ def test_top1_agreement_on_real_digits(exported):
     assert result["images"] == 80
     assert result["agreement"] == 100.0
     assert 0 <= result["onnx_top1"] <= 100 and result["onnx_top1"] == result["torch_top1"]
+    with torch.no_grad():
+        right = (model(images[:80]).argmax(1) == labels[:80]).float().mean().item()
+    assert result["torch_top1"] == pytest.approx(100 * right, abs=1e-4)
 
     # A model that ranks the classes the other way round never agrees; labels are optional.
     class Negated(nn.Module):
@@ -134,6 +138,26 @@ def test_top1_agreement_on_real_digits(exported):
     disagreement = top1_agreement(run, Negated(), [b[0] for b in batches])
     assert disagreement["images"] == 96 and disagreement["agreement"] == 0.0
     assert "onnx_top1" not in disagreement
+
+
+def test_top1_agreement_per_pixel_scores_the_labelled_pixels():
+    """Masks with unlabelled (255) pixels: each runtime's pixel accuracy is over the labelled ones."""
+    model = tiny_seg(4)
+    images = torch.randn(6, *SIZE)
+    masks = torch.randint(0, 4, (6, *SIZE[1:]))
+    masks[:, :8] = IGNORE_INDEX
+
+    def run(x):
+        with torch.no_grad():
+            return model(x).numpy()
+
+    result = top1_agreement(run, model, [(images[:4], masks[:4]), (images[4:], masks[4:])])
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    labelled = masks != IGNORE_INDEX
+    expected = 100 * (predicted == masks)[labelled].float().mean().item()
+    assert result["over"] == "pixels" and result["predictions"] == 6 * SIZE[1] * SIZE[2] and result["agreement"] == 100.0
+    assert result["onnx_top1"] == result["torch_top1"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_data_spec_adds_agreement(exported):

@@ -19,6 +19,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError
@@ -248,7 +249,8 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
         and, when labels come with the images, each runtime's accuracy in percent (``onnx_top1``
         and ``torch_top1``: per image, or per labelled pixel, i.e. pixel accuracy).
     """
-    images_seen = agree = predictions = scored = onnx_correct = torch_correct = 0
+    images_seen = agree = predictions = 0
+    accuracies = None  # the ONNX model's and PyTorch's top-1 against the labels (torchmetrics)
     labelled = True
     over = "images"
     for batch in batches:
@@ -259,7 +261,8 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
         if len(images) == 0:
             break
         images = images.float()
-        torch_top = _torch_outputs(model, images)[0].argmax(axis=1)
+        torch_output = _torch_outputs(model, images)[0]
+        torch_top = torch_output.argmax(axis=1)
         onnx_top = np.asarray(run_onnx(images)).argmax(axis=1)
         agree += int((torch_top == onnx_top).sum())
         predictions += torch_top.size
@@ -267,11 +270,13 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
         if labels is None:
             labelled = False
         else:
-            labels = np.asarray(labels)
-            valid = labels != IGNORE_INDEX if labels.ndim > 1 else np.ones(labels.shape, dtype=bool)
-            onnx_correct += int(((onnx_top == labels) & valid).sum())
-            torch_correct += int(((torch_top == labels) & valid).sum())
-            scored += int(valid.sum())
+            labels = torch.as_tensor(labels)
+            if accuracies is None:
+                ignore_index = IGNORE_INDEX if labels.ndim > 1 else None
+                accuracies = [MulticlassAccuracy(torch_output.shape[1], average="micro", ignore_index=ignore_index, validate_args=False)
+                              for _ in range(2)]
+            for accuracy, top in zip(accuracies, (onnx_top, torch_top)):
+                accuracy.update(torch.from_numpy(top), labels)
         images_seen += len(images)
         if limit is not None and images_seen >= limit:
             break
@@ -279,8 +284,7 @@ def top1_agreement(run_onnx, model: nn.Module, batches: Iterable, limit: int | N
         raise DscompressError("no images to measure top-1 agreement on; the dataset is empty")
     result = {"images": images_seen, "predictions": predictions, "over": over, "agreement": 100.0 * agree / predictions}
     if labelled:
-        result["onnx_top1"] = 100.0 * onnx_correct / max(scored, 1)
-        result["torch_top1"] = 100.0 * torch_correct / max(scored, 1)
+        result["onnx_top1"], result["torch_top1"] = (100.0 * float(accuracy.compute()) for accuracy in accuracies)
     return result
 
 

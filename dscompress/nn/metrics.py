@@ -1,5 +1,6 @@
 """Parameters and MACs: the cost side of every comparison (size on disk is in the manifest), and
-the segmentation scores (mean IoU, pixel accuracy) from a confusion matrix.
+the scores of a model's outputs (top-1/top-5, mean IoU, pixel accuracy) as torchmetrics objects,
+which accumulate over batches and add up across torchrun processes.
 
 MACs come from PyTorch's own counter (:class:`torch.utils.flop_counter.FlopCounterMode`), which
 counts convolutions and matrix products (as 2 FLOPs per multiply-accumulate); normalisation,
@@ -8,9 +9,13 @@ activations and pooling are not counted, as in most published MAC figures.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from dscompress.core.errors import DscompressError
 
@@ -57,48 +62,54 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int], per_module: b
     return total, by_module
 
 
-# --- segmentation ---------------------------------------------------------------------------------
+# --- scores -------------------------------------------------------------------------------------
 
 IGNORE_INDEX = 255
 """The label of pixels that count for nothing (PASCAL VOC's object boundaries): no loss, no score."""
 
 
-def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """(num_classes, num_classes) int64 counts: row = true class, column = predicted class.
+def task_metrics(task: str, classes: int) -> MetricCollection:
+    """The scores of a ``task`` model's outputs as torchmetrics objects: ``update(logits, labels)``
+    per batch, ``compute()`` once after the last (fractions, not percent; :func:`in_percent`).
 
-    ``predicted`` and ``target`` are class indices of the same shape (any, e.g. (N, H, W));
-    pixels whose target is ``ignore_index`` are left out. A target outside ``[0, num_classes)``
-    (other than ``ignore_index``) is an error: the data does not fit the model.
+    Classification, logits (N, classes) and labels (N,): ``top1`` and ``top5``, the share of images
+    whose label is the top class or among the top five. Segmentation, logits (N, classes, H, W) and
+    masks (N, H, W), pixels labelled :data:`IGNORE_INDEX` not scored: ``miou``, the mean IoU over
+    the classes that occur in the targets or the predictions (a class with an empty union has no
+    IoU and is left out of the mean rather than counted as 0 or 1: torchmetrics' macro average),
+    ``iou`` per class (NaN where the union is empty) and ``pixel_acc``, the share of scored pixels
+    predicted right. Under torchrun ``compute()`` adds up the counts of all processes.
     """
-    target = target.reshape(-1)
-    predicted = predicted.reshape(-1)
-    keep = target != ignore_index
-    target, predicted = target[keep].long(), predicted[keep].long()
+    # validate_args off: targets are checked by check_targets; torchmetrics' own checks run
+    # torch.unique on every batch.
+    if task == "segmentation":
+        metrics = {
+            "miou": MulticlassJaccardIndex(classes, average="macro", ignore_index=IGNORE_INDEX, validate_args=False),
+            "iou": MulticlassJaccardIndex(classes, average="none", ignore_index=IGNORE_INDEX, validate_args=False,
+                                          zero_division=math.nan),
+            "pixel_acc": MulticlassAccuracy(classes, average="micro", ignore_index=IGNORE_INDEX, validate_args=False),
+        }
+    else:
+        metrics = {
+            "top1": MulticlassAccuracy(classes, top_k=1, average="micro", validate_args=False),
+            "top5": MulticlassAccuracy(classes, top_k=min(5, classes), average="micro", validate_args=False),
+        }
+    return MetricCollection(metrics)
+
+
+def in_percent(scores: dict) -> dict:
+    """:func:`task_metrics`' ``compute()`` as floats in percent; ``iou`` a list with None for a
+    class without IoU, and ``miou`` 0.0 when no pixel was scored (the macro average is then NaN)."""
+    result = {name: 100.0 * float(value.nan_to_num(0.0)) for name, value in scores.items() if name != "iou"}
+    if "iou" in scores:
+        result["iou"] = [None if math.isnan(v) else 100.0 * v for v in scores["iou"].tolist()]
+    return result
+
+
+def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """Raise one line when a target (class indices, any shape) is outside ``[0, num_classes)``
+    other than ``ignore_index``: the data does not fit the model."""
+    target = target[target != ignore_index]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         bad = int(target.max()) if int(target.max()) >= num_classes else int(target.min())
         raise DscompressError(f"a target holds class {bad}, outside 0..{num_classes - 1} ({ignore_index} = ignore); the data does not fit the model")
-    counts = torch.bincount(target * num_classes + predicted, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).cpu()
-
-
-def segmentation_scores(confusion: torch.Tensor) -> dict:
-    """Mean IoU and pixel accuracy (percent) from a confusion matrix (:func:`confusion_matrix`).
-
-    Per class, IoU = true positives / (true positives + false positives + false negatives).
-    ``miou`` is the mean over the classes that occur in the targets or the predictions (a class
-    with an empty union has no IoU and is left out of the mean, rather than counted as 0 or 1);
-    ``pixel_acc`` is the share of scored pixels predicted right. ``iou`` lists every class's IoU
-    in percent (None where the union is empty).
-    """
-    confusion = confusion.double()
-    true_positive = confusion.diagonal()
-    union = confusion.sum(0) + confusion.sum(1) - true_positive
-    present = union > 0
-    iou = torch.where(present, true_positive / union.clamp(min=1), torch.zeros_like(union))
-    total = float(confusion.sum())
-    return {
-        "miou": 100.0 * float(iou[present].mean()) if bool(present.any()) else 0.0,
-        "pixel_acc": 100.0 * float(true_positive.sum()) / total if total else 0.0,
-        "iou": [100.0 * float(v) if p else None for v, p in zip(iou, present)],
-        "pixels": int(total),
-    }

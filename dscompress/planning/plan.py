@@ -74,6 +74,7 @@ from dscompress.deploy.profile import Runtime
 from dscompress.models.build import output_classes
 from dscompress.nn.metrics import conv_macs, count_macs
 from dscompress.planning.latency import Timer, default_cache, latency_table
+from dscompress.train.evaluate import accuracy
 
 # The latency (or MAC) budget is split into this many steps for the solver.
 RESOLUTION = 2000
@@ -619,16 +620,8 @@ def _damages(model, units, options, calibration, held_out, config, progress):
     return damages, agreements, kept_of
 
 
-@torch.no_grad()
 def _top1(model: nn.Module, loader) -> float:
-    correct = total = 0
-    device = next(model.parameters()).device
-    with eval_mode(model):
-        for images, labels in loader:
-            logits = model(images.to(device))
-            correct += int((logits.argmax(1).cpu() == labels).sum())
-            total += len(labels)
-    return round(100.0 * correct / max(total, 1), 4)
+    return round(accuracy(model, loader, next(model.parameters()).device)["top1"], 4)
 
 
 def _out_pixels(model: nn.Module, input_size, names: list[str]) -> dict[str, int]:

@@ -8,12 +8,13 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torchmetrics.aggregation import SumMetric
 
 from dscompress.core.config import Record, StepConfig, check_range, option
 from dscompress.core.util import QUIET, Progress, eval_mode, resolve_device
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader, num_classes
 from dscompress.models.build import output_classes
-from dscompress.nn.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
+from dscompress.nn.metrics import IGNORE_INDEX, check_targets, in_percent, task_metrics
 
 
 @dataclass
@@ -61,59 +62,43 @@ class EvalRecord(Record):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+def task_scores(model: nn.Module, loader, task: str, classes: int, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
+    """Scores in percent (:func:`~dscompress.nn.metrics.task_metrics`) and mean cross-entropy of
+    ``model``, a ``task`` model with ``classes`` outputs, over ``loader`` of (images, labels), or
+    for segmentation (images, masks) whose :data:`~dscompress.nn.metrics.IGNORE_INDEX` pixels are
+    not scored.
+
+    Returns ``images``, ``top1`` and ``top5``, or ``miou``, ``pixel_acc``, ``iou`` (per class) and
+    ``pixels`` (scored), and ``loss`` (per image, or per scored pixel). Under torchrun each process
+    passes its own share of the data and gets the scores of all shares together: torchmetrics adds
+    up the processes' counts (and the loss and image sums, kept in float64 so counts stay exact).
+    """
     device = torch.device(device)
-    correct1 = correct5 = total = 0
-    loss = 0.0
+    segmentation = task == "segmentation"
+    ignore_index = IGNORE_INDEX if segmentation else -100
+    metrics = task_metrics(task, classes).to(device)
+    loss, images_seen, scored = (SumMetric(nan_strategy="disable").set_dtype(torch.float64).to(device) for _ in range(3))
     progress.start("evaluate", len(loader))
     with eval_mode(model):
         for images, labels in loader:
             progress.advance(1)
             images, labels = images.to(device), labels.to(device)
+            check_targets(labels, classes, ignore_index)
             logits = model(images)
-            loss += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            correct1 += int((top[:, 0] == labels).sum())
-            correct5 += int((top == labels[:, None]).any(dim=-1).sum())
-            total += len(labels)
+            loss.update(nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum"))
+            metrics.update(logits, labels)
+            images_seen.update(len(images))
+            scored.update((labels != ignore_index).sum())
     progress.stop()
-    total = max(total, 1)
-    return {"images": total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
+    counted = int(scored.compute())
+    result = {"images": int(images_seen.compute()), **in_percent(metrics.compute()), "loss": float(loss.compute()) / max(counted, 1)}
+    return {**result, "pixels": counted} if segmentation else result
 
 
-@torch.no_grad()
-def segmentation_accuracy(model: nn.Module, loader, classes: int, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
-    """Mean IoU and pixel accuracy (percent) of ``model`` over ``loader`` of (images, masks).
-
-    Pixels labelled :data:`~dscompress.nn.metrics.IGNORE_INDEX` are not scored. Returns ``images``,
-    ``miou``, ``pixel_acc``, ``iou`` (per class), ``pixels``, the mean per-pixel cross-entropy
-    ``loss``, and the ``confusion`` matrix (rows: true class) the scores come from, so that
-    processes can add theirs up (:func:`segmentation_scores` then scores the sum).
-    """
-    device = torch.device(device)
-    confusion = torch.zeros(classes, classes, dtype=torch.int64)
-    loss = 0.0
-    images_seen = 0
-    progress.start("evaluate", len(loader))
-    with eval_mode(model):
-        for images, masks in loader:
-            progress.advance(1)
-            images, masks = images.to(device), masks.to(device)
-            logits = model(images)
-            loss += float(nn.functional.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum"))
-            confusion += confusion_matrix(logits.argmax(1), masks, classes)
-            images_seen += len(images)
-    progress.stop()
-    scores = segmentation_scores(confusion)
-    return {"images": images_seen, **scores, "loss": loss / max(scores["pixels"], 1), "confusion": confusion}
-
-
-def task_scores(model: nn.Module, loader, task: str, classes: int, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
-    """:func:`accuracy` for a classification model, :func:`segmentation_accuracy` for a segmentation one."""
-    if task == "segmentation":
-        return segmentation_accuracy(model, loader, classes, device, progress)
-    return accuracy(model, loader, device, progress)
+def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu", progress: Progress = QUIET) -> dict:
+    """:func:`task_scores` of a classifier of the loader's dataset's classes: ``images``, top-1/top-5
+    accuracy (percent) and the mean cross-entropy ``loss``."""
+    return task_scores(model, loader, "classification", num_classes(loader.dataset), device, progress)
 
 
 def evaluate(model: nn.Module, data: str, input_size, batch_size: int = 256, device: str = "auto", workers: int = 0,
@@ -128,7 +113,6 @@ def evaluate(model: nn.Module, data: str, input_size, batch_size: int = 256, dev
     check_classes(dataset, outputs, data_name=config.data, task=task, model_name=model_name)
     loader = make_loader(dataset, config.batch_size, workers=config.workers)
     result = task_scores(model, loader, task, num_classes(dataset), torch_device, progress)
-    result.pop("confusion", None)
     if result.get("iou") is not None:
         result["iou"] = [None if v is None else round(v, 4) for v in result["iou"]]
     return EvalRecord(data=config.data, task=task, **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})

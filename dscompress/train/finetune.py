@@ -30,8 +30,8 @@ record reports.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
 :class:`~torch.nn.parallel.DistributedDataParallel`, every process trains on its own share of each
-epoch, metrics are summed across processes (:mod:`dscompress.train.distributed`), and only rank 0
-writes checkpoints.
+epoch, metrics are summed across processes (torchmetrics for the test and validation scores,
+:mod:`dscompress.train.distributed` for the training ones), and only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from dscompress.data.datasets import (
     split_validation,
 )
 from dscompress.models.build import output_classes
-from dscompress.nn.metrics import IGNORE_INDEX, segmentation_scores
+from dscompress.nn.metrics import IGNORE_INDEX
 from dscompress.train.checkpoint import (
     check_resumable,
     checkpoint_path,
@@ -334,31 +334,6 @@ def _eval_loader(dataset: Dataset, config: FinetuneConfig, world: World) -> Data
     return make_loader(dataset, EVAL_BATCH_SIZE, workers=config.workers)
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, world: World, task: str, classes: int) -> dict:
-    """Top-1/top-5 (percent; for segmentation mean IoU and pixel accuracy), mean loss and images
-    over all processes' shares, and seconds taken."""
-    begin = time.perf_counter()
-    result = task_scores(model, loader, task, classes, device)
-    if task == "segmentation":
-        confusion = result["confusion"]
-        *counts, loss, images = sum_across(confusion.flatten().tolist() + [result["loss"] * result["pixels"], result["images"]], device, world)
-        scores = segmentation_scores(torch.tensor([round(c) for c in counts], dtype=torch.int64).reshape(confusion.shape))
-        return {"images": int(images), "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
-                "loss": loss / max(scores["pixels"], 1), "seconds": time.perf_counter() - begin}
-    n = result["images"] if len(loader.dataset) else 0
-    correct1, correct5, loss, images = sum_across(
-        [result["top1"] * n / 100, result["top5"] * n / 100, result["loss"] * n, n], device, world
-    )
-    images = max(images, 1)
-    return {
-        "images": int(images),
-        "top1": 100 * round(correct1) / images,
-        "top5": 100 * round(correct5) / images,
-        "loss": loss / images,
-        "seconds": time.perf_counter() - begin,
-    }
-
-
 # --- the trainer ---------------------------------------------------------------------------------
 
 
@@ -410,7 +385,12 @@ class Trainer:
         self.saved = 0  # epochs in the checkpoint
 
     def evaluate(self, model: nn.Module, loader: DataLoader | None) -> dict | None:
-        return None if loader is None else _evaluate(model, loader, self.device, self.world, self.task, self.classes)
+        """:func:`~dscompress.train.evaluate.task_scores` over all processes' shares (torchmetrics adds
+        them up), and seconds taken."""
+        if loader is None:
+            return None
+        begin = time.perf_counter()
+        return {**task_scores(model, loader, self.task, self.classes, self.device), "seconds": time.perf_counter() - begin}
 
     def new_record(self, teacher_label: str | None) -> FinetuneRecord:
         start = self.evaluate(self.student, self.test_loader)
