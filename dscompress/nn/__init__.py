@@ -1,2 +1,2 @@
 """Modules and their arithmetic: the depthwise-separable layers, the kernel factorization that fits
-them, parameter and MAC counts, segmentation scores."""
+them, the model graph the transforms share, parameter and MAC counts, segmentation scores."""
