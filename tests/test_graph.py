@@ -3,7 +3,8 @@ import torch
 import torch_pruning as tp
 import torchvision
 
-from conftest import SharedAndFunctional, Untraceable
+from conftest import SharedAndFunctional, Untraceable, make_tiny
+from dscompress.compress.calibrate import CalibrateConfig, calibrate
 from dscompress.compress.convert import ConvertConfig, convert, convertible
 from dscompress.compress.units import find_units
 from dscompress.nn.graph import ModelGraph, UntraceableError
@@ -79,3 +80,21 @@ def test_one_graph_is_traced_once_for_convert_and_units(resnet, monkeypatch):
 def test_a_graph_of_another_size_is_refused(resnet):
     with pytest.raises(ValueError, match="not"):
         convertible(resnet, (3, 64, 64), graph=ModelGraph(resnet, SIZE))
+
+
+def test_convert_finds_the_graph_again_when_it_was_found_another_way():
+    model, size = SharedAndFunctional().eval(), (8, 8, 8)
+    traced, hooked = ModelGraph(model, size), ModelGraph(model, size, trace="hooks")
+    assert convert(model, size, graph=hooked)[1] == convert(model, size)[1]  # auto: fx, which sees the functional conv
+    assert convert(model, size, ConvertConfig(trace="hooks"), graph=traced)[1] == convert(model, size, ConvertConfig(trace="hooks"))[1]
+
+
+def test_calibrate_takes_the_order_from_the_original_graph():
+    original = make_tiny()
+    converted, _ = convert(original, (3, 16, 16), ConvertConfig(rank=1))
+    images = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    config = CalibrateConfig(batches=2, batch_size=4, device="cpu")
+    _, alone = calibrate(converted, original, images, config)
+    _, shared = calibrate(converted, original, images, config, graph=ModelGraph(original, (3, 16, 16)))
+    alone.seconds = shared.seconds = 0.0
+    assert shared == alone and [layer.name for layer in shared.layers] == ["conv1", "conv2"]

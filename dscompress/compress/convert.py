@@ -3,11 +3,10 @@
 ``convert(model, input_size, config)`` deep-copies the model and converts the copy;
 ``convert_(model, ...)`` converts in place (torchao's ``quantize_`` style). Both find the model's
 convolutions in its :class:`~dscompress.nn.graph.ModelGraph` (``torch.fx``: shapes from ShapeProp,
-call counts, functional convs, followers),
-pick a rank per layer, fit the new weights from the old kernel
-(:meth:`~dscompress.nn.layers.DepthwiseSeparableConv2d.from_conv`) and swap each ``nn.Conv2d`` for
-the new layer on its parent module, so the model keeps its class, methods and state-dict names
-(``layer1.0.conv1.depthwise.weight``).
+call counts, functional convs, followers), pick a rank per layer, fit the new weights from the old
+kernel (:meth:`~dscompress.nn.layers.DepthwiseSeparableConv2d.from_conv`) and swap each
+``nn.Conv2d`` for the new layer on its parent module, so the model keeps its class, methods and
+state-dict names (``layer1.0.conv1.depthwise.weight``).
 """
 
 from __future__ import annotations
@@ -237,12 +236,20 @@ def convertible(model: nn.Module, input_size, config: ConvertConfig | None = Non
 # --- discovery ---------------------------------------------------------------------------------
 
 
+def _found_as_asked(graph: ModelGraph, trace: str) -> bool:
+    """Whether ``graph`` was found as ``--trace`` asks: with hooks for ``hooks``; otherwise with
+    fx, or with hooks because fx could not trace the model (what ``auto`` falls back to)."""
+    if trace == "hooks":
+        return graph.how == "hooks"
+    return graph.how == "fx" or graph.fx_failure is not None
+
+
 def _graph_for(model: nn.Module, input_size, trace: str, graph: ModelGraph | None) -> tuple[ModelGraph, str | None]:
     """The model's graph as ``--trace`` asks for it (``graph`` when it fits), and why fx was not used."""
     if graph is not None and graph.input_size != tuple(input_size):
         raise ValueError(f"the graph is of inputs {graph.input_size}, not {tuple(input_size)}")
-    if graph is not None and not (graph.how == "hooks" if trace == "hooks" else graph.how == "fx" or graph.fx_failure):
-        graph = None  # found another way than asked (hooks see no followers and no functional convs): find it again
+    if graph is not None and not _found_as_asked(graph, trace):
+        graph = None  # hooks see no followers and no functional convs: find it again, as asked
     if graph is None:
         try:
             graph = ModelGraph(model, input_size, trace)
