@@ -7,6 +7,7 @@ is how the command line names them.
 import onnxruntime
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Conditions some tests depend on, named in their skip reasons.
@@ -154,3 +155,33 @@ def tiny_seg(num_classes: int = 11) -> TinySeg:
     """A seeded TinySeg in eval mode (name it as ``conftest:tiny_seg --task segmentation``)."""
     torch.manual_seed(0)
     return TinySeg(num_classes).eval()
+
+
+class SharedAndFunctional(nn.Module):
+    """Calls one conv twice and a functional conv once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.kernel = nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.unused = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        x = self.conv(self.conv(x))
+        x = F.conv2d(x, self.kernel, padding=1)
+        return self.depthwise(self.grouped(x))
+
+
+class Untraceable(nn.Module):
+    """One conv behind data-dependent control flow, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            x = -x
+        return self.conv(x)

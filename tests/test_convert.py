@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import SharedAndFunctional, Untraceable
 from torch import nn
 
 import dscompress
@@ -141,23 +141,6 @@ def test_in_place_conversion_and_filter_fn(tiny):
         assert relative_diff(tiny(x), expected) < 1e-4
 
 
-class SharedAndFunctional(nn.Module):
-    """Calls one conv twice and a functional conv once."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.kernel = nn.Parameter(torch.randn(8, 8, 3, 3))
-        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.unused = nn.Conv2d(8, 8, 3)
-
-    def forward(self, x):
-        x = self.conv(self.conv(x))
-        x = F.conv2d(x, self.kernel, padding=1)
-        return self.depthwise(self.grouped(x))
-
-
 def test_shared_modules_functional_convs_and_skips():
     model = SharedAndFunctional().eval()
     converted, record = convert(model, (8, 8, 8), ConvertConfig(rank="full"))
@@ -173,19 +156,8 @@ def test_shared_modules_functional_convs_and_skips():
     assert relative_diff(converted(x), model(x)) < 1e-4
 
 
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
-            x = -x
-        return self.conv(x)
-
-
 def test_untraceable_model_gives_clear_error_or_falls_back():
-    with pytest.raises(DscompressError, match=r"cannot trace Untraceable with torch.fx: .*control flow.* at test_convert.py:\d+ `if x.sum\(\) > 0:"):
+    with pytest.raises(DscompressError, match=r"cannot trace Untraceable with torch.fx: .*control flow.* at conftest.py:\d+ `if x.sum\(\) > 0:"):
         convert(Untraceable(), (8, 8, 8), ConvertConfig(trace="fx"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

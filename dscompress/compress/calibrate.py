@@ -61,6 +61,7 @@ from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, Progress, model_device, resolve_device
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
 from dscompress.models.build import output_classes
+from dscompress.nn.graph import ModelGraph
 from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 
 # The order of the two corrections; see the module docstring for the measurement behind it.
@@ -222,26 +223,6 @@ def converted_layers(model: nn.Module, original: nn.Module, kept: dict[str, list
     if not names:
         raise DscompressError(f"none of the model's converted or pruned layers matches its original: {skipped[0]['name']}: {skipped[0]['reason']}")
     return names, skipped
-
-
-@torch.no_grad()
-def _forward_order(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
-    """{name: calls per forward} for the named layers, in the order forward first calls them."""
-    calls: dict[str, int] = {}
-
-    def hook(name):
-        def count(module, args):
-            calls[name] = calls.get(name, 0) + 1
-
-        return count
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
 
 
 class _Stop(Exception):
@@ -480,6 +461,8 @@ def calibrate(
     order: tuple[str, ...] = ORDER,
     progress: Progress = QUIET,
     kept: dict[str, list[int]] | None = None,
+    *,
+    graph: ModelGraph | None = None,
 ) -> tuple[nn.Module, CalibrationRecord]:
     """Return a calibrated deep copy of ``model`` and the record of what was done.
 
@@ -496,6 +479,10 @@ def calibrate(
             :data:`ORDER` is the one measured best.
         progress: receives one step per refitted layer.
         kept: for layers whose outputs were pruned, the original's output channels they kept.
+        graph: which layers forward calls, how often and in which order: ``model``'s
+            :class:`~dscompress.nn.graph.ModelGraph`, or ``original``'s (converting and pruning
+            keep the layers' names, calls and order); found now, at the calibration images' size,
+            when not given.
     """
     config = config or CalibrateConfig()
     if not set(order) <= {"refit", "bn"}:
@@ -509,7 +496,8 @@ def calibrate(
         p.requires_grad_(False)
     kept = kept or {}
     names, skipped = converted_layers(model, original, kept)
-    calls = _forward_order(model, names, images[0][:1].to(device))
+    graph = graph or ModelGraph(model, tuple(images[0].shape[1:]))
+    calls = graph.forward_order(names)
     skipped += [{"name": n, "reason": "not called by forward"} for n in names if n not in calls]
     layers = list(calls)  # in forward order
 

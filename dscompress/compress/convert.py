@@ -2,35 +2,30 @@
 
 ``convert(model, input_size, config)`` deep-copies the model and converts the copy;
 ``convert_(model, ...)`` converts in place (torchao's ``quantize_`` style). Both find the model's
-convolutions with ``torch.fx`` (shapes from ShapeProp, call counts, functional convs, followers),
-pick a rank per layer, fit the new weights from the old kernel
-(:meth:`~dscompress.nn.layers.DepthwiseSeparableConv2d.from_conv`) and swap each ``nn.Conv2d`` for
-the new layer on its parent module, so the model keeps its class, methods and state-dict names
-(``layer1.0.conv1.depthwise.weight``).
+convolutions in its :class:`~dscompress.nn.graph.ModelGraph` (``torch.fx``: shapes from ShapeProp,
+call counts, functional convs, followers), pick a rank per layer, fit the new weights from the old
+kernel (:meth:`~dscompress.nn.layers.DepthwiseSeparableConv2d.from_conv`) and swap each
+``nn.Conv2d`` for the new layer on its parent module, so the model keeps its class, methods and
+state-dict names (``layer1.0.conv1.depthwise.weight``).
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from dscompress.compress.units import apply_layout
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
-from dscompress.core.errors import DscompressError, DscompressWarning, does_not_run, first_line
+from dscompress.core.errors import DscompressError, DscompressWarning
 from dscompress.core.selection import FilterFn, check_pattern, matches_any, require_matches
 from dscompress.core.transform import TransformContext, register_transform
-from dscompress.core.util import captured_output, eval_mode, model_device
 from dscompress.nn import decompose
+from dscompress.nn.graph import ConvCall, ModelGraph, UntraceableError
 from dscompress.nn.layers import MIN_CHANNELS, DepthwiseSeparableConv2d, skip_reason
 from dscompress.nn.metrics import conv_macs, count_macs, count_params
 
@@ -135,22 +130,6 @@ class ConversionRecord(Record):
 
 
 @dataclass
-class ConvCall:
-    """What the forward pass showed about one conv module: shapes (with the batch of 1), how
-    often it runs per forward, and what consumes its output."""
-
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    calls: int = 1
-    followed_by: list[str] = field(default_factory=list)
-
-    @property
-    def out_pixels(self) -> int:
-        """Output pixels per image, over all calls."""
-        return self.output_shape[2] * self.output_shape[3] * self.calls
-
-
-@dataclass
 class LayerPlan:
     """How one conv will be converted: its new kernel, dilation and padding, the kernel to fit,
     and (once chosen) the rank."""
@@ -182,7 +161,8 @@ class LayerPlan:
 
 
 def convert(
-    model: nn.Module, input_size: tuple[int, int, int], config: ConvertConfig | None = None, filter_fn: FilterFn | None = None
+    model: nn.Module, input_size: tuple[int, int, int], config: ConvertConfig | None = None, filter_fn: FilterFn | None = None,
+    *, graph: ModelGraph | None = None,
 ) -> tuple[nn.Module, ConversionRecord]:
     """Return a converted deep copy of ``model`` and the record of what was done.
 
@@ -192,24 +172,29 @@ def convert(
         config: the conversion policy; defaults to rank 1 everywhere except the stem.
         filter_fn: ``filter_fn(conv, fqn) -> bool``, a further say over which convs are converted
             (on top of ``config.include``/``exclude``).
+        graph: the model's :class:`~dscompress.nn.graph.ModelGraph` at ``input_size``, when the
+            caller has one (found now otherwise).
     """
     model = copy.deepcopy(model)
-    record = convert_(model, input_size, config, filter_fn)
+    record = convert_(model, input_size, config, filter_fn, graph=graph)
     return model, record
 
 
 def convert_(
-    model: nn.Module, input_size: tuple[int, int, int], config: ConvertConfig | None = None, filter_fn: FilterFn | None = None
+    model: nn.Module, input_size: tuple[int, int, int], config: ConvertConfig | None = None, filter_fn: FilterFn | None = None,
+    *, graph: ModelGraph | None = None,
 ) -> ConversionRecord:
-    """Convert ``model`` in place (see :func:`convert`) and return the record. The model is left in eval mode."""
+    """Convert ``model`` in place (see :func:`convert`) and return the record. The model is left in
+    eval mode, and ``graph`` (of the model as it was) no longer describes it."""
     config = config or ConvertConfig()
     model.eval()
     input_size = tuple(input_size)
-    convs, functional, how, note = _discover(model, input_size, config.trace)
+    graph, note = _graph_for(model, input_size, config.trace, graph)
+    convs = graph.convs
 
     params_before = count_params(model)
     macs_before = count_macs(model, input_size)
-    chosen, skipped = _select(model, convs, functional, config, filter_fn)
+    chosen, skipped = _select(model, convs, graph.functional, config, filter_fn)
     plans = []
     for name in chosen:
         plan = _plan(name, model.get_submodule(name), convs[name], config)
@@ -228,7 +213,7 @@ def convert_(
     return ConversionRecord(
         config=config.to_dict(),
         input_size=list(input_size),
-        trace=how,
+        trace=graph.how,
         layers=layers,
         skipped=skipped,
         params_before=params_before,
@@ -239,108 +224,46 @@ def convert_(
     )
 
 
-def convertible(model: nn.Module, input_size, config: ConvertConfig | None = None, filter_fn: FilterFn | None = None) -> dict[str, ConvCall]:
+def convertible(model: nn.Module, input_size, config: ConvertConfig | None = None, filter_fn: FilterFn | None = None,
+                *, graph: ModelGraph | None = None) -> dict[str, ConvCall]:
     """The convs ``convert`` would replace, by name, with what a forward pass showed about each
-    (input and output shapes for a batch of one, calls per forward)."""
+    (input and output shapes for a batch of one, calls per forward); from ``graph`` when given."""
     config = config or ConvertConfig()
-    with eval_mode(model):
-        convs, functional, _, _ = _discover(model, tuple(input_size), config.trace)
-    chosen, _ = _select(model, convs, functional, config, filter_fn)
-    return {name: convs[name] for name in chosen}
+    graph, _ = _graph_for(model, tuple(input_size), config.trace, graph)
+    chosen, _ = _select(model, graph.convs, graph.functional, config, filter_fn)
+    return {name: graph.convs[name] for name in chosen}
 
 
 
 # --- discovery ---------------------------------------------------------------------------------
 
 
-def _discover(model: nn.Module, input_size, trace: str) -> tuple[dict[str, ConvCall], list[str], str, str | None]:
-    """(convs by name, functional conv nodes, how they were found, why fx was not used)."""
-    if trace != "hooks":
+def _found_as_asked(graph: ModelGraph, trace: str) -> bool:
+    """Whether ``graph`` was found as ``--trace`` asks: with hooks for ``hooks``; otherwise with
+    fx, or with hooks because fx could not trace the model (what ``auto`` falls back to)."""
+    if trace == "hooks":
+        return graph.how == "hooks"
+    return graph.how == "fx" or graph.fx_failure is not None
+
+
+def _graph_for(model: nn.Module, input_size, trace: str, graph: ModelGraph | None) -> tuple[ModelGraph, str | None]:
+    """The model's graph as ``--trace`` asks for it (``graph`` when it fits), and why fx was not used."""
+    if graph is not None and graph.input_size != tuple(input_size):
+        raise ValueError(f"the graph is of inputs {graph.input_size}, not {tuple(input_size)}")
+    if graph is not None and not _found_as_asked(graph, trace):
+        graph = None  # hooks see no followers and no functional convs: find it again, as asked
+    if graph is None:
         try:
-            graph_module = torch.fx.GraphModule(model, _Tracer().trace(model))
-        except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors
-            message = _trace_failure(model, e)
-            if trace == "fx":
-                raise DscompressError(message + "; use --trace hooks to convert without fx") from None
-            note = message + "; falling back to forward hooks (functional convs are not detected)"
-            warnings.warn(note, DscompressWarning, stacklevel=3)
-            return _discover_hooks(model, input_size), [], "hooks", note
-        return (*_discover_fx(graph_module, model, input_size), "fx", None)
-    return _discover_hooks(model, input_size), [], "hooks", None
-
-
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with depthwise-separable layers (already converted) as single calls."""
-
-    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, DepthwiseSeparableConv2d) or super().is_leaf_module(module, name)
-
-
-def _trace_failure(model: nn.Module, error: Exception) -> str:
-    """One line naming what torch.fx could not trace, and where in the user's code."""
-    where = ""
-    torch_dir = os.path.dirname(torch.__file__)
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if not frame.filename.startswith(torch_dir):
-            where = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`"
-            break
-    return f"cannot trace {type(model).__name__} with torch.fx: {first_line(error)}{where}"
-
-
-def _probe(model: nn.Module, input_size) -> torch.Tensor:
-    """A zero image batch of one, on the model's own device and dtype."""
-    parameter = next(model.parameters(), None)
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    return torch.zeros(1, *input_size, device=model_device(model), dtype=dtype)
-
-
-def _discover_fx(graph_module: torch.fx.GraphModule, model: nn.Module, input_size) -> tuple[dict[str, ConvCall], list[str]]:
-    try:
-        with torch.no_grad(), captured_output():  # ShapeProp prints a traceback before it raises
-            ShapeProp(graph_module).propagate(_probe(model, input_size))
-    except Exception as e:  # noqa: BLE001
-        raise does_not_run(input_size, e) from None
-    convs: dict[str, ConvCall] = {}
-    functional = []
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module" and type(graph_module.get_submodule(node.target)) is nn.Conv2d:
-            followers = [str(user.target) if user.op == "call_module" else user.name for user in node.users]
-            if node.target in convs:
-                convs[node.target].calls += 1
-                continue
-            source = node.args[0]
-            convs[node.target] = ConvCall(
-                input_shape=tuple(source.meta["tensor_meta"].shape),
-                output_shape=tuple(node.meta["tensor_meta"].shape),
-                followed_by=followers,
-            )
-        elif node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
-            functional.append(node.name)
-    return convs, functional
-
-
-def _discover_hooks(model: nn.Module, input_size) -> dict[str, ConvCall]:
-    convs: dict[str, ConvCall] = {}
-
-    def hook(name):
-        def record(module, inputs, output):
-            if name in convs:
-                convs[name].calls += 1
-            else:
-                convs[name] = ConvCall(tuple(inputs[0].shape), tuple(output.shape))
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if type(m) is nn.Conv2d]
-    try:
-        with torch.no_grad():
-            model(_probe(model, input_size))
-    except Exception as e:  # noqa: BLE001
-        raise does_not_run(input_size, e) from None
-    finally:
-        for h in handles:
-            h.remove()
-    return convs
+            graph = ModelGraph(model, input_size, trace)
+        except UntraceableError as e:
+            raise DscompressError(f"{e}; use --trace hooks to convert without fx") from None
+    if trace == "fx" and graph.fx_failure:
+        raise DscompressError(f"{graph.fx_failure}; use --trace hooks to convert without fx")
+    note = None
+    if trace == "auto" and graph.fx_failure:
+        note = graph.fx_failure + "; falling back to forward hooks (functional convs are not detected)"
+        warnings.warn(note, DscompressWarning, stacklevel=3)
+    return graph, note
 
 
 # --- policy ------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ import itertools
 import json
 from dataclasses import dataclass, field
 
-import torch
 import torch_pruning as tp
 from torch import nn
 
 from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
+from dscompress.nn.graph import ConvCall, ModelGraph
 from dscompress.nn.layers import DepthwiseSeparableConv2d
 from dscompress.nn.metrics import count_macs, count_params
 
@@ -73,22 +73,19 @@ def candidate_name(rank: int | None, prune: float = 0.0) -> str:
     return "+".join(parts) or "dense"
 
 
-def find_units(model: nn.Module, input_size, convertible: dict) -> list[Unit]:
+def find_units(model: nn.Module, input_size, convertible: dict[str, ConvCall], *, graph: ModelGraph | None = None) -> list[Unit]:
     """The units of ``model``: pairs found with Torch-Pruning's dependency graph (a group whose
     only layers are one convertible conv's outputs, its BatchNorms and one conv's inputs), and
-    every other convertible conv alone, in forward order. ``convertible`` is
-    :func:`~dscompress.compress.convert.convertible`'s answer (each conv's call)."""
-    model = copy.deepcopy(model)  # the dependency graph follows autograd: every weight must require grad
-    for p in model.parameters():
-        p.requires_grad_(True)
+    every other convertible conv alone, in forward order. The dependency graph is ``graph``'s
+    (the model's :class:`~dscompress.nn.graph.ModelGraph` at ``input_size``), built now when not given."""
+    graph = graph or ModelGraph(model, input_size)
+    model, dependencies = graph.dependency_graph()
     names = {module: name for name, module in model.named_modules()}
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_size, device=next(model.parameters()).device))
     units, paired = [], set()
     for name, call in convertible.items():
         if name in paired or call.calls != 1:
             continue
-        group = graph.get_pruning_group(model.get_submodule(name), tp.prune_conv_out_channels, idxs=[0])
+        group = dependencies.get_pruning_group(model.get_submodule(name), tp.prune_conv_out_channels, idxs=[0])
         outs, ins, norms = set(), set(), []
         for item in group:
             module = item.dep.target.module
@@ -130,46 +127,27 @@ def pair_channels(model: nn.Module, unit: Unit, ratio: float, round_to: int) -> 
     return sorted(score.argsort(descending=True)[:keep].tolist())
 
 
-def _sliced_conv(conv: nn.Conv2d, out_keep: list[int] | None = None, in_keep: list[int] | None = None) -> nn.Conv2d:
-    weight = conv.weight.detach()
-    if out_keep is not None:
-        weight = weight[out_keep]
-    if in_keep is not None:
-        weight = weight[:, in_keep]
-    new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias.detach()[out_keep] if out_keep is not None else conv.bias.detach())
-    return new.train(conv.training)
-
-
-def _sliced_norm(norm: nn.modules.batchnorm._BatchNorm, keep: list[int]) -> nn.Module:
-    new = type(norm)(len(keep), eps=norm.eps, momentum=norm.momentum, affine=norm.affine, track_running_stats=norm.track_running_stats,
-                     device=norm.weight.device if norm.weight is not None else None)
-    with torch.no_grad():
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            value = getattr(norm, attr)
-            if value is not None:
-                getattr(new, attr).copy_(value.detach()[keep])
-        if norm.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(norm.num_batches_tracked)
-    return new.train(norm.training)
-
-
 def apply_option(model: nn.Module, unit: Unit, option: Option, kept: list[int] | None) -> None:
-    """Give ``model`` (in place) the unit's option: prune the pair's channels to ``kept``, then
-    convert each layer with a rank, fitted from its (pruned) kernel."""
+    """Give ``model`` (in place) the unit's option: prune the pair's channels to ``kept`` (sorted
+    channel indices), then convert each layer with a rank, fitted from its (pruned) kernel. The
+    pruned layers are new modules: the ones replaced are left as they were."""
     if kept is not None:
         producer, consumer = unit.layers
-        model.set_submodule(producer, _sliced_conv(model.get_submodule(producer), out_keep=kept))
-        model.set_submodule(consumer, _sliced_conv(model.get_submodule(consumer), in_keep=kept))
+        removed = sorted(set(range(model.get_submodule(producer).out_channels)) - set(kept))
+        _prune_copy(model, producer, tp.prune_conv_out_channels, removed)
+        _prune_copy(model, consumer, tp.prune_conv_in_channels, removed)
         for norm in unit.norms:
-            model.set_submodule(norm, _sliced_norm(model.get_submodule(norm), kept))
+            _prune_copy(model, norm, tp.prune_batchnorm_out_channels, removed)
     for layer, rank in zip(unit.layers, option.ranks):
         if rank is not None:
             model.set_submodule(layer, DepthwiseSeparableConv2d.from_conv(model.get_submodule(layer), rank))
+
+
+def _prune_copy(model: nn.Module, name: str, prune_fn, removed: list[int]) -> None:
+    """Swap the module ``name`` for a copy with Torch-Pruning's ``prune_fn`` applied to channels ``removed``."""
+    module = copy.deepcopy(model.get_submodule(name))
+    prune_fn(module, removed)
+    model.set_submodule(name, module)
 
 
 def option_channels(model: nn.Module, unit: Unit, option: Option, round_to: int) -> list[tuple[int, int]]:

@@ -1,2 +1,3 @@
 """Modules and their arithmetic: the depthwise-separable layers, the kernel factorization that fits
-them, parameter and MAC counts, the scores of outputs (torchmetrics)."""
+them, the model graph the transforms share, parameter and MAC counts, the scores of outputs
+(torchmetrics)."""

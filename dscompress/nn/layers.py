@@ -268,7 +268,7 @@ def deploy_form(model: nn.Module) -> nn.Module:
 def _followed_by_norm(model: nn.Module, layers: set[str]) -> list[tuple[str, str]]:
     """(layer, BatchNorm2d) pairs where the BatchNorm is called once, on that layer's output alone."""
     try:
-        graph = _LayerTracer().trace(model)
+        graph = LayerTracer().trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model keeps its BatchNorms
         return []
     calls: dict[str, int] = {}
@@ -287,7 +287,7 @@ def _followed_by_norm(model: nn.Module, layers: set[str]) -> list[tuple[str, str
     return pairs
 
 
-class _LayerTracer(torch.fx.Tracer):
+class LayerTracer(torch.fx.Tracer):
     """Traces depthwise-separable layers as single calls."""
 
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:

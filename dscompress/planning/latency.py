@@ -44,6 +44,7 @@ from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, JsonCache, Progress, eval_mode, torch_threads
 from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
+from dscompress.nn.graph import ModelGraph
 
 CACHE_ENV = "DSCOMPRESS_CACHE"
 CACHE_VERSION = 3
@@ -179,6 +180,8 @@ def latency_table(
     round_to: int = 8,
     timer: Timer | None = None,
     progress: Progress = QUIET,
+    *,
+    graph: ModelGraph | None = None,
 ) -> LatencyRecord:
     """Every convertible layer's candidates, timed inside the model on ``runtime``.
 
@@ -186,6 +189,8 @@ def latency_table(
         model: a dense model (its KxK convs are the layers); not modified.
         input_size: (C, H, W) the model runs at.
         timer: the :class:`Timer` to use (its runtime and batch win); default one with the cache.
+        graph: the model's :class:`~dscompress.nn.graph.ModelGraph` at ``input_size``, when the
+            caller has one (its convertible layers and units come from it; found now otherwise).
 
     The model is built and profiled once per (rank, prune ratio): with ranks (1, 2, 4) and two
     prune ratios, 12 profiles.
@@ -194,8 +199,9 @@ def latency_table(
     input_size = tuple(int(v) for v in input_size)
     ranks, prune_ratios = list(ranks), [0.0] + list(prune_ratios)
     with eval_mode(model):
-        calls = convertible(model, input_size)
-        units = find_units(model, input_size, calls)
+        graph = graph or ModelGraph(model, input_size)
+        calls = convertible(model, input_size, graph=graph)
+        units = find_units(model, input_size, calls, graph=graph)
         pairs = any(unit.is_pair for unit in units)
         times: dict[str, dict[str, float]] = {name: {} for unit in units for name in unit.layers}  # a pair's consumer may not be convertible
         kinds = [(rank, ratio) for ratio in prune_ratios for rank in [None] + ranks if ratio == 0 or pairs]

@@ -68,10 +68,11 @@ from dscompress.compress.units import (
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError
 from dscompress.core.transform import TransformContext, register_transform
-from dscompress.core.util import QUIET, JsonCache, Progress, eval_mode
+from dscompress.core.util import QUIET, JsonCache, Progress
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
 from dscompress.deploy.profile import Runtime
 from dscompress.models.build import output_classes
+from dscompress.nn.graph import ModelGraph
 from dscompress.nn.metrics import conv_macs, count_macs
 from dscompress.planning.latency import Timer, default_cache, latency_table
 from dscompress.train.evaluate import accuracy
@@ -371,7 +372,7 @@ class _Costs:
 
 
 def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=None, timer: Timer | None = None,
-         progress: Progress = QUIET) -> tuple[nn.Module, PlanRecord]:
+         progress: Progress = QUIET, *, graph: ModelGraph | None = None) -> tuple[nn.Module, PlanRecord]:
     """Plan, build, calibrate and measure ``model`` for ``config``'s target.
 
     Args:
@@ -382,6 +383,8 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         test_data: a DataLoader of (images, labels) for top-1 before and after, or None.
         timer: where latency is measured (default: a :class:`~dscompress.planning.latency.Timer` for the
             config's runtime and batch, cached on disk).
+        graph: the model's :class:`~dscompress.nn.graph.ModelGraph` at ``input_size``, when the
+            caller has one (found now otherwise): its convs, units and their sizes all come from it.
 
     Returns:
         (the planned, calibrated model, the record).
@@ -394,13 +397,15 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     calibration, held_out = _split_batches(batches, config)
     timer = None if config.macs_budget is not None else (timer or Timer(config.runtime, config.latency_batch))
     cost_size = tuple(config.latency_input_size or input_size)  # where latency (or MACs) is counted
-    calls = convertible(model, input_size)
+    graph = graph or ModelGraph(model, input_size)
+    calls = convertible(model, input_size, graph=graph)
     if not calls:
         raise DscompressError("nothing to plan: the model has no conv that conversion takes (see `dscompress convert` for why each is skipped)")
-    units = find_units(model, input_size, calls)
+    units = find_units(model, input_size, calls, graph=graph)
     options = [unit_options(u, calls, config.ranks, config.prune_ratios) for u in units]
-    pixels = _out_pixels(model, cost_size, [n for u in units for n in u.layers])
-    costs = _option_costs(model, units, options, pixels, cost_size, config, timer, progress)
+    cost_graph = graph if cost_size == input_size else ModelGraph(model, cost_size)
+    pixels = {n: cost_graph.out_pixels(n) for u in units for n in u.layers}
+    costs = _option_costs(model, units, options, pixels, cost_size, config, timer, progress, cost_graph)
     _check_reachable(costs, config, timer)
     damages, agreements, kept_of = _damages(model, units, options, calibration[: config.damage_batches], held_out, config, progress)
 
@@ -418,7 +423,7 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
 
     chosen, final, rounds = search(costs.by_unit, damages, costs.target, costs.rest, measure, 1 if timer is None else config.rounds)
     pool, winner, chosen, calibrated, calibration_record, kept = _against_uniform_plans(
-        model, options, chosen, final.measured_ms, layout, measure, calibration, held_out, costs.target, timer, config, progress)
+        model, options, chosen, final.measured_ms, layout, measure, calibration, held_out, costs.target, timer, config, progress, graph)
     predicted = round(costs.predicted(chosen), 5)
     record = PlanRecord(
         config=config.to_dict(),
@@ -458,13 +463,14 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
 
 
 def _option_costs(model: nn.Module, units: list[Unit], options: list[list[Option]], pixels: dict[str, int], cost_size,
-                  config: PlanConfig, timer: Timer | None, progress: Progress) -> _Costs:
+                  config: PlanConfig, timer: Timer | None, progress: Progress, graph: ModelGraph) -> _Costs:
     """Every option's layers' cost: their times from the latency table (scaled to the original as
-    timed now), or their MACs without a timer; and the target in the same units."""
+    timed now; ``graph`` is the model's at ``cost_size``), or their MACs without a timer; and the
+    target in the same units."""
     table = None
     if timer:
         table = latency_table(model, cost_size, timer=timer, ranks=config.ranks, prune_ratios=config.prune_ratios,
-                              round_to=config.round_to, progress=progress)
+                              round_to=config.round_to, progress=progress, graph=graph)
     by_unit, by_layer = [], []
     for unit, unit_options_ in zip(units, options):
         unit_costs, unit_layers = [], []
@@ -511,14 +517,16 @@ def _check_reachable(costs: _Costs, config: PlanConfig, timer: Timer | None) -> 
 
 
 def _against_uniform_plans(model: nn.Module, options: list[list[Option]], chosen: list[int], measured: float, layout, measure,
-                           calibration, held_out, target: float, timer: Timer | None, config: PlanConfig, progress: Progress):
+                           calibration, held_out, target: float, timer: Timer | None, config: PlanConfig, progress: Progress,
+                           graph: ModelGraph):
     """The plan against what a user would pick without a planner.
 
     The units' damages do not add up exactly (measured: a whole plan's is 1.1-2.3x their sum, and
     not in the same order), so each uniform rank and each uniform prune ratio that also meets the
     target is measured too; each is calibrated as a whole and the least damaging on the held-out
     images is kept. Returns every candidate (the winner marked ``chosen``), the winner, and its
-    option indices, calibrated model, calibration record and kept channels.
+    option indices, calibrated model, calibration record and kept channels. Each is calibrated in
+    the order of ``graph`` (the original's: a plan keeps which layers run, and in which order).
     """
     pool = [PlanCandidate("plan", round(measured, 5))]
     picks = {"plan": chosen}
@@ -536,7 +544,8 @@ def _against_uniform_plans(model: nn.Module, options: list[list[Option]], chosen
             continue
         picked = picks[candidate.label]
         planned, kept = build(model, layout(picked))
-        calibrated, calibration_record = calibrate(planned, model, calibration, calibrate_config, kept=kept, progress=progress)
+        calibrated, calibration_record = calibrate(planned, model, calibration, calibrate_config, kept=kept, progress=progress,
+                                                   graph=graph)
         calibrated = calibrated.cpu()
         candidate.damage, candidate.agreement = (round(v, 6) for v in kl_damage(calibrated, reference, held_out))
         meets = candidate.measured <= limit
@@ -622,25 +631,6 @@ def _damages(model, units, options, calibration, held_out, config, progress):
 
 def _top1(model: nn.Module, loader) -> float:
     return round(accuracy(model, loader, next(model.parameters()).device)["top1"], 4)
-
-
-def _out_pixels(model: nn.Module, input_size, names: list[str]) -> dict[str, int]:
-    """Output pixels per image of the named convs, over all their calls."""
-    pixels: dict[str, int] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            pixels[name] = pixels.get(name, 0) + output.shape[-2] * output.shape[-1]
-        return record
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return pixels
 
 
 @register_transform(PlanConfig)
