@@ -15,6 +15,18 @@ GPU = torch.cuda.is_available()
 ORT_LISTS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()  # the onnxruntime-gpu wheel
 
 
+def error_line(result, code: int = 2) -> str:
+    """The one line a command prints when it stops, after checking that it is one: exit status
+    ``code``, one line on stderr (warnings and notes aside), ``error:`` for bad input (2) or
+    ``failed:`` for a check that failed (1), no traceback. Tests then check the key fact in it
+    (the bad value, the option), not its wording."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith(("warning: ", "note: "))]
+    assert len(lines) == 1 and lines[0].startswith("error: " if code == 2 else "failed: "), result.stderr
+    return lines[0]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -122,11 +123,11 @@ def test_format_1_artifacts_of_dscompress_0_1_still_load(converted):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"format_version": "1"}, "'format_version' should be int, not str"),
-        ({"model": None}, "'model' should be dict, not NoneType"),
-        ({"model": {"num_classes": 10}}, "the model spec has no name"),
-        ({"steps": [42]}, "steps\\[0\\] is not a step entry"),
-        ({"format_version": 0}, "format 0, which this dscompress does not read"),
+        ({"format_version": "1"}, "'format_version'"),
+        ({"model": None}, "'model'"),
+        ({"model": {"num_classes": 10}}, "no name"),
+        ({"steps": [42]}, re.escape("steps[0]")),
+        ({"format_version": 0}, "format 0"),
     ],
     ids=["version-as-text", "null-model", "nameless-model", "bad-step", "unknown-version"],
 )
@@ -142,7 +143,7 @@ def test_damaged_original_is_found_before_any_work(converted):
     original = os.path.join(artifact.path, "original.safetensors")
     with open(original, "r+b") as f:
         f.truncate(os.path.getsize(original) // 2)
-    with pytest.raises(DscompressError, match="cannot read .*original.safetensors.*damaged"):
+    with pytest.raises(DscompressError, match="original.safetensors"):
         resolve(artifact.path)
 
 
@@ -161,7 +162,7 @@ def test_newer_format_is_refused(converted):
     _, artifact = converted
     manifest = dict(artifact.manifest, format_version=99)
     json.dump(manifest, open(os.path.join(artifact.path, MANIFEST), "w"))
-    with pytest.raises(DscompressError, match="upgrade dscompress"):
+    with pytest.raises(DscompressError, match="format 99.*upgrade dscompress"):
         Artifact.open(artifact.path)
 
 
@@ -169,7 +170,7 @@ def test_artifact_options_conflict(converted):
     _, artifact = converted
     with pytest.raises(DscompressError, match="has 10 classes"):
         resolve(artifact.path, num_classes=5)
-    with pytest.raises(DscompressError, match="drop --weights"):
+    with pytest.raises(DscompressError, match="--weights"):
         resolve(artifact.path, weights="DEFAULT")
-    with pytest.raises(DscompressError, match="made for inputs of 3,32,32; drop --input-size"):
+    with pytest.raises(DscompressError, match="3,32,32.*--input-size"):
         resolve(artifact.path, input_size=(3, 64, 64))

@@ -124,14 +124,14 @@ def test_headline_prefers_onnx_runtime_at_the_smallest_batch():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"iters": 0}, "iters"),
-        ({"warmup": -1}, "warmup"),
-        ({"threads": 0}, "threads"),
-        ({"batch_sizes": "0"}, "--batch-sizes must be at least 1"),
+        ({"iters": 0}, "--iters"),
+        ({"warmup": -1}, "--warmup"),
+        ({"threads": 0}, "--threads"),
+        ({"batch_sizes": "0"}, "--batch-sizes"),
         ({"providers": "none", "torch": False}, "nothing to time"),
-        ({"providers": "npu"}, "unknown provider"),
-        ({"exporter": "tf"}, "exporter"),
-        ({"time_at": [3, 224]}, "--time-at must be C,H,W"),
+        ({"providers": "npu"}, "'npu'"),
+        ({"exporter": "tf"}, "--exporter.*'tf'"),
+        ({"time_at": [3, 224]}, "--time-at"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -157,7 +157,7 @@ def test_time_at_times_models_at_another_size_and_refuses_fixed_onnx_files(two_m
     assert model.input_size == SIZE and model.onnx_path  # the caller's target is left as it was
     for runtime in ("torch-cpu", "ort-cpu"):  # 16x the MACs: slower on both (a margin for a busy CPU), the ONNX file made again
         assert large[runtime] > 1.5 * small[runtime], (small, large)
-    with pytest.raises(DscompressError, match="file is an ONNX file for 3,32,32 inputs; it cannot be timed at --time-at 3,128,128"):
+    with pytest.raises(DscompressError, match="3,32,32.*--time-at 3,128,128"):
         bench([onnx_file], BenchConfig(time_at=[3, 128, 128], **config))
 
 

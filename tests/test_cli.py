@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import error_line
 
 from dscompress.cli.main import cli
 from dscompress.core.util import human
@@ -87,51 +88,49 @@ def bad_inputs(tmp_path_factory):
 
 
 R18 = ["--num-classes", "10", "--input-size", "3,32,32"]
-# (arguments, the one line's expected text). Every one exits with status 2 and writes nothing.
+# (arguments, the key facts the one line must name: the bad value, the option).
+# Every one exits with status 2 and writes nothing.
 BAD_INPUTS = [
-    (["convert", "resnet81", "-o", "{out}"], "unknown model 'resnet81'; did you mean"),
-    (["convert", "resnet18", "--include", "layer9", "-o", "{out}"], "matches no conv layer"),
-    (["convert", "resnet18", "--rank", "two", "-o", "{out}"], "--rank must be an integer or full, got 'two'"),
-    (["convert", "resnet18", "--input-size", "3,abc", "-o", "{out}"], "--input-size must be C,H,W"),
-    (["convert", "resnet18", "--input-size", "3,32", "-o", "{out}"], "--input-size must be C,H,W with positive values, such as 3,224,224; got '3,32'"),
-    (["convert", "resnet18", "--input-size", "1,32,32", "-o", "{out}"], "does not run on inputs of size 1,32,32: Given groups=1, weight of size [64, 3, 7, 7], expected input[1, 1, 32, 32] to have 3 channels"),
-    (["convert", "resnet18", "--checkpoint", "/nonexistent.pt", "-o", "{out}"], "checkpoint '/nonexistent.pt' does not exist"),
-    (["convert", "/nonexistent-dir/", "-o", "{out}"], "is not an artifact folder (no such folder)"),
-    (["convert", "mobilenet_v2", *R18, "-o", "{out}"], "nothing to convert in mobilenet_v2: 1 in_channels 3 < min_channels 4; 17 already depthwise"),
-    (["convert", "resnet18", *R18, "-o", "/proc/x"], "cannot write '/proc/x': '/proc' does not take files"),
-    (["convert", "resnet18", *R18, "-o", "{root}/afile/x"], "/afile' is a file, not a folder"),
-    (["convert", "badfactories:needs_args", "-o", "{out}"], "badfactories:needs_args raised TypeError: needs_args() missing 1 required positional argument: 'model_name'"),
-    (["convert", "badfactories:downloads", *R18, "-o", "{out}"], "badfactories:downloads tried to download weights (URLError"),
-    (["prune", "{root}/short-original", "--ratio", "0.5", "-o", "{out}"], "original.safetensors: Error while deserializing header"),
-    (["evaluate", "{root}/text-version", "--data", "digits"], "'format_version' should be int, not str; the artifact is damaged"),
-    (["evaluate", "{root}/null-model", "--data", "digits"], "'model' should be dict, not NoneType"),
-    (["evaluate", "{root}/art", "--data", "digits", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["evaluate", "{root}/art", "--data", "digits", "--workers", "-1"], "--workers must be at least 0, got -1"),
-    (["evaluate", "resnet18", "--input-size", "3,16,16", "--data", "digits"], "digits has 10 classes but the model has 1000 outputs"),
-    (["evaluate", "{root}/art", "--data", "cifar10:{root}"], "cifar10: no cifar-10-batches-py/ under"),
-    (["export", "{root}/art", "--input-size", "3,64,64", "-o", "{out}.onnx"], "was made for inputs of 3,32,32; drop --input-size"),
-    (["export", "{root}/art", "-o", "/proc/x.onnx"], "cannot write '/proc/x.onnx': '/proc' does not take files"),
-    (["report", "/nonexistent"], "does not exist"),
-    (["report", "{root}/afile"], "is a file, not an artifact folder"),
-    (["bench", "{root}/art", "--batch-sizes", "1,x"], "--batch-sizes must be an integer, got 'x'"),
-    (["prune", "{root}/art", "--ratio", "1.5", "-o", "{out}"], "--ratio must be in (0, 1), got 1.5"),
-    (["calibrate", "{root}/art", "--data", "digits", "--batch-size", "1", "-o", "{out}"], "--batch-size must be at least 2 to re-estimate BatchNorm"),
-    (["finetune", "{root}/art", "--data", "digits", "--epochs", "0", "-o", "{out}"], "--epochs must be at least 1, got 0"),
-    (["convert", "resnet18", "--trace", "jit", "-o", "{out}"], "--trace must be one of auto, fx, hooks; got 'jit'"),
-    (["convert", "resnet18", "--frobnicate", "-o", "{out}"], "No such option '--frobnicate'"),
+    (["convert", "resnet81", "-o", "{out}"], ["'resnet81'"]),
+    (["convert", "resnet18", "--include", "layer9", "-o", "{out}"], ["'layer9'"]),
+    (["convert", "resnet18", "--rank", "two", "-o", "{out}"], ["--rank", "'two'"]),
+    (["convert", "resnet18", "--input-size", "3,abc", "-o", "{out}"], ["--input-size", "'3,abc'"]),
+    (["convert", "resnet18", "--input-size", "3,32", "-o", "{out}"], ["--input-size", "'3,32'"]),
+    (["convert", "resnet18", "--input-size", "1,32,32", "-o", "{out}"], ["1,32,32", "3 channels"]),
+    (["convert", "resnet18", "--checkpoint", "/nonexistent.pt", "-o", "{out}"], ["'/nonexistent.pt'"]),
+    (["convert", "/nonexistent-dir/", "-o", "{out}"], ["/nonexistent-dir/"]),
+    (["convert", "mobilenet_v2", *R18, "-o", "{out}"], ["nothing to convert", "mobilenet_v2"]),
+    (["convert", "resnet18", *R18, "-o", "/proc/x"], ["'/proc/x'"]),
+    (["convert", "resnet18", *R18, "-o", "{root}/afile/x"], ["/afile/x'", "is a file"]),
+    (["convert", "badfactories:needs_args", "-o", "{out}"], ["badfactories:needs_args", "TypeError"]),
+    (["convert", "badfactories:downloads", *R18, "-o", "{out}"], ["badfactories:downloads", "URLError"]),
+    (["prune", "{root}/short-original", "--ratio", "0.5", "-o", "{out}"], ["original.safetensors"]),
+    (["evaluate", "{root}/text-version", "--data", "digits"], ["'format_version'"]),
+    (["evaluate", "{root}/null-model", "--data", "digits"], ["'model'"]),
+    (["evaluate", "{root}/art", "--data", "digits", "--batch-size", "0"], ["--batch-size"]),
+    (["evaluate", "{root}/art", "--data", "digits", "--workers", "-1"], ["--workers"]),
+    (["evaluate", "resnet18", "--input-size", "3,16,16", "--data", "digits"], ["10 classes", "1000 outputs"]),
+    (["evaluate", "{root}/art", "--data", "cifar10:{root}"], ["cifar-10-batches-py"]),
+    (["export", "{root}/art", "--input-size", "3,64,64", "-o", "{out}.onnx"], ["3,32,32", "--input-size"]),
+    (["export", "{root}/art", "-o", "/proc/x.onnx"], ["'/proc/x.onnx'"]),
+    (["report", "/nonexistent"], ["'/nonexistent'"]),
+    (["report", "{root}/afile"], ["/afile", "is a file"]),
+    (["bench", "{root}/art", "--batch-sizes", "1,x"], ["--batch-sizes", "'x'"]),
+    (["prune", "{root}/art", "--ratio", "1.5", "-o", "{out}"], ["--ratio", "1.5"]),
+    (["calibrate", "{root}/art", "--data", "digits", "--batch-size", "1", "-o", "{out}"], ["--batch-size"]),
+    (["finetune", "{root}/art", "--data", "digits", "--epochs", "0", "-o", "{out}"], ["--epochs"]),
+    (["convert", "resnet18", "--trace", "jit", "-o", "{out}"], ["--trace", "'jit'"]),
+    (["convert", "resnet18", "--frobnicate", "-o", "{out}"], ["'--frobnicate'"]),
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
-def test_bad_input_is_one_line_and_exit_2(args, message, bad_inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("args,facts", BAD_INPUTS, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_one_line_and_exit_2(args, facts, bad_inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(bad_inputs))
     out = tmp_path / "x"
-    result = CliRunner().invoke(cli, [a.format(root=bad_inputs, out=out) for a in args])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if not line.startswith("warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert message in lines[0]
+    line = error_line(CliRunner().invoke(cli, [a.format(root=bad_inputs, out=out) for a in args]))
+    assert all(fact in line for fact in facts), line
     assert not os.path.exists(out) and not os.path.exists(f"{out}.onnx")
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # nothing half-written
 
@@ -140,8 +139,8 @@ def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "r18"
     args = ["convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "-o", out]
     assert run(*args).exit_code == 0
-    again = CliRunner().invoke(cli, [str(a) for a in args])
-    assert again.exit_code == 2 and "already exists" in again.output
+    line = error_line(CliRunner().invoke(cli, [str(a) for a in args]))
+    assert str(out) in line and "--force" in line
     assert run(*args, "--force").exit_code == 0
 
 
@@ -176,8 +175,8 @@ def test_disk_full_during_convert_is_one_line_and_leaves_nothing(tmp_path, monke
         raise SafetensorError("No space left on device (os error 28)")
 
     monkeypatch.setattr(dscompress.artifact.format, "save_file", full)
-    result = CliRunner().invoke(cli, ["convert", "resnet18", *R18, "-o", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "no space left on the device while writing" in result.stderr
+    line = error_line(CliRunner().invoke(cli, ["convert", "resnet18", *R18, "-o", str(tmp_path / "x")]))
+    assert "no space left" in line and str(tmp_path / "x") in line
     assert os.listdir(tmp_path) == []
 
 
@@ -188,7 +187,7 @@ def test_random_weights_and_factories_from_the_current_folder(tmp_path):
     done = subprocess.run([script, "convert", "custom_model:make_net", "--num-classes", "10", "--input-size", "3,16,16", "-o", str(tmp_path / "net")],
                           cwd=examples, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "custom_model:make_net has random weights (no --checkpoint or --weights)" in done.stderr
+    assert "custom_model:make_net" in done.stderr and "random weights" in done.stderr
     assert os.path.isfile(tmp_path / "net" / "manifest.json")
 
 
@@ -200,4 +199,4 @@ def test_googlenet_checkpoint_with_auxiliary_heads_loads(tmp_path):
     torch.save(trained.state_dict(), tmp_path / "googlenet.pt")
     result = CliRunner().invoke(cli, ["convert", "googlenet", *R18, "--checkpoint", str(tmp_path / "googlenet.pt"), "-o", str(tmp_path / "g")])
     assert result.exit_code == 0, result.output
-    assert "dropped" in result.stderr and "auxiliary-classifier tensors (aux1." in result.stderr
+    assert "dropped" in result.stderr and "aux1." in result.stderr

@@ -58,8 +58,9 @@ def test_recipes_take_the_same_names(step):
 def test_config_errors_name_the_option_as_typed():
     from dscompress.compress.convert import ConvertConfig
 
-    with pytest.raises(ConfigError, match=r"^--macs-budget must be in \(0, 1\], got 1.5$"):
+    with pytest.raises(ConfigError, match=r"^--macs-budget .*1\.5") as info:
         ConvertConfig(macs_budget=1.5)
+    assert info.value.option == "macs_budget"
 
 
 def test_the_command_list_is_the_registry():

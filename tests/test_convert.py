@@ -125,7 +125,7 @@ def test_include_exclude_patterns(tiny):
     assert {"name": "conv2", "reason": "excluded"} in record.skipped
     _, record = convert(tiny, (3, 16, 16), ConvertConfig(include=["re:conv[12]"], min_channels=1))
     assert [layer.name for layer in record.layers] == ["conv1", "conv2"]
-    with pytest.raises(DscompressError, match="matches no conv layer"):
+    with pytest.raises(DscompressError, match="'layer9.\\*'"):
         convert(tiny, (3, 16, 16), ConvertConfig(include=["layer9.*"]))
 
 
@@ -157,7 +157,7 @@ def test_shared_modules_functional_convs_and_skips():
 
 
 def test_untraceable_model_gives_clear_error_or_falls_back():
-    with pytest.raises(DscompressError, match=r"cannot trace Untraceable with torch.fx: .*control flow.* at conftest.py:\d+ `if x.sum\(\) > 0:"):
+    with pytest.raises(DscompressError, match=r"Untraceable.*conftest.py:\d+ `if x.sum\(\) > 0:"):
         convert(Untraceable(), (8, 8, 8), ConvertConfig(trace="fx"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,14 +169,14 @@ def test_untraceable_model_gives_clear_error_or_falls_back():
 
 
 def test_wrong_input_size_is_a_clear_error(tiny):
-    with pytest.raises(DscompressError, match="does not run on inputs of size 1,16,16: .*to have 3 channels, but got 1 channels.*--input-size"):
+    with pytest.raises(DscompressError, match="1,16,16.*3 channels.*--input-size"):
         convert(tiny, (1, 16, 16))
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"rank": 0}, "rank must be"), ({"rank": 2, "energy": 0.5}, "only one"), ({"energy": 1.5}, "energy"),
-     ({"dilation": "wide"}, "dilation"), ({"include": ["re:("]}, "regular expression"), ({"trace": "jit"}, "trace")],
+    [({"rank": 0}, "^--rank"), ({"rank": 2, "energy": 0.5}, "--rank.*--energy"), ({"energy": 1.5}, "^--energy"),
+     ({"dilation": "wide"}, "--dilation.*'wide'"), ({"include": ["re:("]}, "'re:\\('"), ({"trace": "jit"}, "--trace.*'jit'")],
 )
 def test_bad_config(kwargs, message):
     with pytest.raises(DscompressError, match=message):

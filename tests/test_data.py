@@ -163,12 +163,12 @@ def test_imagefolder(tmp_path):
 @pytest.mark.parametrize(
     "spec,message",
     [
-        ("imagenet:/data", "unknown dataset"),
-        ("mnist", "needs a folder"),
-        ("digits:/x", "takes no folder"),
-        ("mnist:/nonexistent", "does not exist"),
-        ("cifar10:{tmp}", "no cifar-10-batches-py/ under"),
-        ("imagefolder:{tmp}", "needs train/"),
+        ("imagenet:/data", "'imagenet:/data'"),
+        ("mnist", "mnist needs a folder"),
+        ("digits:/x", "digits .*takes no folder"),
+        ("mnist:/nonexistent", "'/nonexistent'"),
+        ("cifar10:{tmp}", "cifar-10-batches-py/"),
+        ("imagefolder:{tmp}", "train/"),
         ("mnist:{tmp}", "has no train-images-idx3-ubyte"),
     ],
 )
@@ -180,9 +180,9 @@ def test_bad_specs(spec, message, tmp_path):
 def test_class_count_must_match_head():
     data = load_dataset("digits", (3, 16, 16), "test")
     check_classes(data, 10)
-    with pytest.raises(DscompressError, match="has 10 classes but the model has 7 outputs"):
+    with pytest.raises(DscompressError, match="10 classes.*7 outputs"):
         check_classes(data, 7)
-    with pytest.raises(DscompressError, match="digits is classification data .* but seg is a segmentation model"):
+    with pytest.raises(DscompressError, match="classification data.*segmentation model"):
         check_classes(data, 10, "digits", task="segmentation", model_name="seg")
 
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import large_kernel_net, make_tiny
+from conftest import error_line, large_kernel_net, make_tiny
 from onnx import TensorProto, helper
 from torch import nn
 
@@ -114,17 +114,15 @@ def test_perturbed_weights_fail_validation_through_the_cli(resnet_export, tmp_pa
     state["fc.weight"] += 0.05 * torch.randn_like(state["fc.weight"])
     save_file(state, str(tmp_path / "perturbed.safetensors"))
     args = ["validate", resnet_export["onnx"], "--against", resnet_export["artifact"], "--providers", "cpu"]
-    result = CliRunner().invoke(cli, args + ["--checkpoint", str(tmp_path / "perturbed.safetensors")])
-    assert result.exit_code == 1, result.output
-    assert "failed: validation fail: cpu: logits" in result.stderr
+    line = error_line(CliRunner().invoke(cli, args + ["--checkpoint", str(tmp_path / "perturbed.safetensors")]), code=1)
+    assert "validation fail" in line and "cpu" in line and "logits" in line
     assert CliRunner().invoke(cli, args).exit_code == 0
 
 
 def test_existing_output_is_refused_without_force(resnet_export):
     before = os.path.getmtime(resnet_export["onnx"])
-    result = CliRunner().invoke(cli, ["export", resnet_export["artifact"], "--onnx", resnet_export["onnx"]])
-    assert result.exit_code == 2
-    assert "already exists" in result.stderr and "--force" in result.stderr
+    line = error_line(CliRunner().invoke(cli, ["export", resnet_export["artifact"], "--onnx", resnet_export["onnx"]]))
+    assert resnet_export["onnx"] in line and "--force" in line
     assert os.path.getmtime(resnet_export["onnx"]) == before
 
 
@@ -182,12 +180,12 @@ def test_torch_export_failure_falls_back_to_torchscript_with_a_reason(tmp_path):
             return self.fc(y.mean((2, 3)))
 
     model = DataDependent().eval()
-    with pytest.warns(ExportWarning, match="fell back to the TorchScript exporter"):
+    with pytest.warns(ExportWarning, match="TorchScript"):
         record = export_onnx(model, SIZE, str(tmp_path / "a.onnx"), ExportConfig())
     assert record.exporter == "torchscript"
     assert "data-dependent" in record.fallback_reason
     assert record.validation_status == "pass"
-    with pytest.raises(DscompressError, match="torch.export cannot export"):
+    with pytest.raises(DscompressError, match="torch.export.*DataDependent"):
         export_onnx(model, SIZE, str(tmp_path / "b.onnx"), ExportConfig(exporter="dynamo"))
 
 
@@ -228,11 +226,11 @@ def test_model_is_given_back_in_training_mode(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"opset": 7}, "opset"),
-        ({"batch": 0}, "batch"),
-        ({"batch": "many"}, "batch"),
-        ({"exporter": "onnx"}, "exporter"),
-        ({"providers": "gpu"}, "unknown provider"),
+        ({"opset": 7}, "^--opset"),
+        ({"batch": 0}, "^--batch"),
+        ({"batch": "many"}, "--batch.*'many'"),
+        ({"exporter": "onnx"}, "--exporter.*'onnx'"),
+        ({"providers": "gpu"}, "'gpu'"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -331,9 +329,9 @@ def test_a_graph_that_fails_validation_never_replaces_a_validated_one(tmp_path, 
 
     real_validate = exporting.validate_onnx
     monkeypatch.setattr(exporting, "validate_onnx", disagree)
-    result = CliRunner().invoke(cli, ["export", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "-o", path, "--force", "--providers", "cpu"])
-    assert result.exit_code == 1, result.output
-    assert "failed: validation fail" in result.stderr and "kept at" in result.stderr and "m.failed.onnx" in result.stderr
+    line = error_line(CliRunner().invoke(cli, ["export", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "-o", path, "--force",
+                                               "--providers", "cpu"]), code=1)
+    assert "validation fail" in line and "m.failed.onnx" in line
     assert open(path, "rb").read() == good  # the validated export is still there
     assert os.path.isfile(tmp_path / "m.failed.onnx")
 
@@ -350,7 +348,7 @@ def test_disk_full_during_export_is_one_line(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(exporting.onnx, "save_model", full)
-    with pytest.raises(DscompressError, match="No space left on device; free some space"):
+    with pytest.raises(DscompressError, match="m.onnx.*No space left"):
         export_onnx(make_tiny(), SIZE, str(tmp_path / "m.onnx"), ExportConfig(exporter="torchscript"))
     assert os.listdir(tmp_path) == []
 

@@ -101,8 +101,8 @@ def test_channels_round_down_to_multiples():
 
 
 def test_runtimes_that_cannot_run_here_are_one_line(resnet):
-    with pytest.raises(DscompressError, match="unknown runtime 'ort-gpu'"):
+    with pytest.raises(DscompressError, match="'ort-gpu'"):
         Timer("ort-gpu")
     if not torch.cuda.is_available():
-        with pytest.raises(DscompressError, match="--runtime torch-cuda cannot run here"):
+        with pytest.raises(DscompressError, match="torch-cuda cannot run here"):
             latency_table(resnet, SIZE, timer=Timer("torch-cuda", cache=False))

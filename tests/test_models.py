@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -8,7 +10,7 @@ from dscompress.models.build import ModelSpec, build_model, list_models, output_
 
 
 def test_unknown_name_suggests_close_ones():
-    with pytest.raises(DscompressError, match=r"unknown model 'resnet81'; did you mean .*resnet18"):
+    with pytest.raises(DscompressError, match="'resnet81'.*resnet18"):
         build_model(ModelSpec("resnet81"))
 
 
@@ -26,9 +28,9 @@ def test_weights_offline_fail_with_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: the weights would download
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(DscompressError, match="could not download resnet18 weights DEFAULT.*--checkpoint FILE"):
+    with pytest.raises(DscompressError, match="DEFAULT.*--checkpoint"):
         build_model(ModelSpec("resnet18", weights="DEFAULT"))
-    with pytest.raises(DscompressError, match="unknown weights 'BEST'"):
+    with pytest.raises(DscompressError, match="'BEST'"):
         build_model(ModelSpec("resnet18", weights="BEST"))
 
 
@@ -68,7 +70,7 @@ def test_checkpoint_that_does_not_fit_names_keys(tmp_path):
 def test_pickled_whole_model_is_refused(tmp_path):
     path = str(tmp_path / "whole.pt")
     torch.save(build_model(ModelSpec("resnet18", num_classes=2)), path)  # a pickled module
-    with pytest.raises(DscompressError, match="cannot read checkpoint .*whole pickled models are not loaded"):
+    with pytest.raises(DscompressError, match="whole.pt.*pickled"):
         read_state_dict(path)
 
 
@@ -77,23 +79,23 @@ def test_corrupt_checkpoint(tmp_path, content):
     for suffix in (".pt", ".safetensors"):
         path = tmp_path / f"bad{suffix}"
         path.write_bytes(content)
-        with pytest.raises(DscompressError, match="cannot read checkpoint"):
+        with pytest.raises(DscompressError, match=re.escape(str(path))):
             read_state_dict(str(path))
 
 
 def test_missing_checkpoint():
-    with pytest.raises(DscompressError, match="does not exist"):
+    with pytest.raises(DscompressError, match="/nonexistent/model.pt"):
         read_state_dict("/nonexistent/model.pt")
 
 
 def test_user_factory(factory_module):
     model = build_model(ModelSpec(f"{factory_module}:make", num_classes=4))
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
-    with pytest.raises(DscompressError, match="not a torch.nn.Module"):
+    with pytest.raises(DscompressError, match="not_a_model returned int"):
         build_model(ModelSpec(f"{factory_module}:not_a_model"))
-    with pytest.raises(DscompressError, match="has no callable 'missing'"):
+    with pytest.raises(DscompressError, match="'missing'"):
         build_model(ModelSpec(f"{factory_module}:missing"))
-    with pytest.raises(DscompressError, match="cannot import 'no_such_pkg.models'"):
+    with pytest.raises(DscompressError, match="'no_such_pkg.models'"):
         build_model(ModelSpec("no_such_pkg.models:make"))
 
 
@@ -105,7 +107,7 @@ def test_parse_input_size(text, expected):
 @pytest.mark.parametrize("text", ["a,b,c", "3,0,4", "1,2,3,4", "64", "3,32"])
 def test_bad_input_size(text):
     """Only C,H,W: '3,32' once meant H=3, W=32, which nobody wants."""
-    with pytest.raises(DscompressError, match="--input-size must be C,H,W .* such as 3,224,224"):
+    with pytest.raises(DscompressError, match=f"--input-size.*{text!r}"):
         parse_input_size(text)
 
 

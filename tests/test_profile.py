@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny
+from conftest import error_line, make_tiny
 
 from dscompress.cli.main import cli
 from dscompress.compress.convert import ConvertConfig, convert
@@ -35,7 +35,7 @@ def models():
 
 @pytest.mark.parametrize("runtime", ["ort-cpu", "torch-cpu"])
 @pytest.mark.parametrize("kind", ["dense", "rank2"])
-def test_every_conv_is_named_and_the_layers_sum_to_the_whole(models, runtime, kind):
+def test_every_conv_is_named_and_timed(models, runtime, kind):
     record = profile(models[kind], SIZE, ProfileConfig(runtime=runtime, **FAST))
     names = {layer.name for layer in record.layers}
     assert {"stem", "conv1", "conv2", "fc"} <= names, names
@@ -45,8 +45,12 @@ def test_every_conv_is_named_and_the_layers_sum_to_the_whole(models, runtime, ki
     assert by_name["conv2"].op == ("DepthwiseSeparableConv2d" if kind == "rank2" else "Conv2d")
     assert by_name["conv2"].macs == (16 * 16 * 16 * 2 * (25 + 16) if kind == "rank2" else 16 * 16 * 16 * 16 * 25)  # 16x16 out
     assert record.total_ms > 0 and record.layer_sum_ms > 0
-    # Tiny layers: the profiler's own cost per kernel is a large part of them, so the tolerance is wide.
-    assert 0.33 < record.layer_sum_ms / record.total_ms < 3, (record.layer_sum_ms, record.total_ms)
+    assert record.layer_sum_ms == pytest.approx(sum(layer.ms for layer in record.layers), abs=1e-3)  # no layer dropped or counted twice
+    # Times land on the right layers. Timing, so only an order a busy CPU cannot swap: the layer with the
+    # most MACs (over 1000x the classifier's 160) is slower than the classifier in the medians. (These layers
+    # are too small for their sum to say much about the whole run: the resnet18 test below checks that.)
+    heaviest = max(record.layers, key=lambda layer: layer.macs)
+    assert heaviest.macs > 1000 * by_name["fc"].macs and heaviest.ms > by_name["fc"].ms, (heaviest, by_name["fc"])
     assert sum(layer.share for layer in record.layers) == pytest.approx(1, abs=0.01)
     assert record.bound_speedup >= 1 and record.convertible_ms == pytest.approx(by_name["conv1"].ms + by_name["conv2"].ms, abs=1e-3)
 
@@ -74,20 +78,21 @@ def test_cli_json_report_and_unavailable_runtimes(tmp_path):
     data = json.loads(result.stdout)
     assert data["total_ms"] > 0 and all({"name", "ms", "macs"} <= set(layer) for layer in data["layers"])
     assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    rows = json.loads(runner.invoke(cli, ["report", folder, "--json"]).stdout)
+    assert [(p["runtime"], p["total_ms"]) for p in rows[-1]["profiles"].values()] == [("ort-cpu", data["total_ms"])]  # stored
     shown = runner.invoke(cli, ["report", folder, "--profile"])
-    assert shown.exit_code == 0 and "per-layer time on ort-cpu" in shown.stdout
+    assert shown.exit_code == 0 and shown.stdout, shown.output
     for runtime in ("ort-cuda", "torch-cuda"):
         if torch.cuda.is_available():
             continue
-        result = runner.invoke(cli, ["profile", folder, "--runtime", runtime])
-        assert result.exit_code == 2 and f"--runtime {runtime} cannot run here" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-    result = runner.invoke(cli, ["profile", folder, "--runtime", "ort-gpu"])
-    assert result.exit_code == 2 and "--runtime must be one of ort-cpu, ort-cuda, ort-trt, torch-cpu, torch-cuda" in result.stderr
+        line = error_line(runner.invoke(cli, ["profile", folder, "--runtime", runtime]))
+        assert runtime in line and "cannot run here" in line
+    line = error_line(runner.invoke(cli, ["profile", folder, "--runtime", "ort-gpu"]))
+    assert "--runtime" in line and "'ort-gpu'" in line
 
 
 def test_config():
-    with pytest.raises(DscompressError, match="--iters must be at least 1"):
+    with pytest.raises(DscompressError, match="--iters"):
         ProfileConfig(iters=0)
-    with pytest.raises(DscompressError, match="--plot must name a .png file"):
+    with pytest.raises(DscompressError, match="--plot.*p.svg"):
         ProfileConfig(plot="p.svg")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from click.testing import CliRunner
+from conftest import error_line
 from torch import nn
 
 import dscompress
@@ -112,7 +113,7 @@ def test_config_rejects_bad_values(kwargs):
 def test_config_round_trips_through_dict():
     config = PruneConfig(ratio=0.4, importance="lamp", global_pruning=True, round_to=8, ignore=["layer4.*"])
     assert PruneConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(DscompressError, match="unknown prune option"):
+    with pytest.raises(DscompressError, match="'sparsity'"):
         PruneConfig.from_dict({**config.to_dict(), "sparsity": 0.5})
 
 
@@ -360,13 +361,13 @@ def test_output_layers_walks_through_parameter_free_ops():
 
 
 def test_errors_are_one_line(gate):
-    with pytest.raises(DscompressError, match="at least"):
+    with pytest.raises(DscompressError, match="--ratio 0.01"):
         prune(gate, INPUT, PruneConfig(ratio=0.01))
-    with pytest.raises(DscompressError, match="matches no layer"):
+    with pytest.raises(DscompressError, match="'layer4.\\*'"):
         prune(gate, INPUT, PruneConfig(ratio=0.3, ignore=["layer4.*"]))
     with pytest.raises(DscompressError, match="nothing to prune"):
         prune(gate, INPUT, PruneConfig(ratio=0.3, ignore=["*"]))
-    with pytest.raises(DscompressError, match="does not run"):
+    with pytest.raises(DscompressError, match="1,32,32"):
         prune(gate, (1, 32, 32), PruneConfig(ratio=0.3))
 
 
@@ -388,6 +389,7 @@ def test_cli_prunes_an_artifact(converted_dir, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["output"] == out and data["params_ratio"] < 0.5
+    assert "fc" in [kept["name"] for kept in data["kept"]]  # it produces the model output
     artifact = dscompress.Artifact.open(out)
     assert [s["step"] for s in artifact.steps] == ["convert", "prune"]
     assert artifact.has_original
@@ -395,8 +397,7 @@ def test_cli_prunes_an_artifact(converted_dir, tmp_path):
     assert all(m.depthwise.out_channels == m.in_channels * m.rank == m.pointwise.in_channels for m in _ds_layers(model).values())
 
     table = CliRunner().invoke(cli, ["prune", out, "-o", str(tmp_path / "again"), "--ratio", "0.3"])
-    assert table.exit_code == 0, table.output
-    assert "fc (produces the model output)" in table.output
+    assert table.exit_code == 0 and table.stdout, table.output
 
 
 def test_prune_artifact_takes_a_model_name(tmp_path):
@@ -408,26 +409,24 @@ def test_prune_artifact_takes_a_model_name(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args",
+    "args, facts",
     [
-        ["--ratio", "1.5"],
-        ["--ratio", "0"],
-        ["--ratio", "0.001"],
-        ["--ratio", "0.3", "--ignore", "layer9.*"],
-        ["--ratio", "0.3", "--round-to", "0"],
-        ["--ratio", "0.3", "--num-classes", "7"],
+        (["--ratio", "1.5"], ["--ratio", "1.5"]),
+        (["--ratio", "0"], ["--ratio"]),
+        (["--ratio", "0.001"], ["--ratio 0.001"]),
+        (["--ratio", "0.3", "--ignore", "layer9.*"], ["'layer9.*'"]),
+        (["--ratio", "0.3", "--round-to", "0"], ["--round-to"]),
+        (["--ratio", "0.3", "--num-classes", "7"], ["10 classes"]),
     ],
     ids=["above1", "zero", "tiny", "ignore-nothing", "round-to", "num-classes"],
 )
-def test_cli_bad_input_is_one_line(converted_dir, tmp_path, args):
-    result = CliRunner().invoke(cli, ["prune", converted_dir, "-o", str(tmp_path / "x"), *args])
-    assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+def test_cli_bad_input_is_one_line(converted_dir, tmp_path, args, facts):
+    line = error_line(CliRunner().invoke(cli, ["prune", converted_dir, "-o", str(tmp_path / "x"), *args]))
+    assert all(fact in line for fact in facts), line
     assert not (tmp_path / "x").exists()
 
 
 def test_cli_refuses_to_overwrite(converted_dir, tmp_path):
     (tmp_path / "x").mkdir()
-    result = CliRunner().invoke(cli, ["prune", converted_dir, "-o", str(tmp_path / "x"), "--ratio", "0.3"])
-    assert result.exit_code == 2 and "--force" in result.stderr
+    line = error_line(CliRunner().invoke(cli, ["prune", converted_dir, "-o", str(tmp_path / "x"), "--ratio", "0.3"]))
+    assert str(tmp_path / "x") in line and "--force" in line

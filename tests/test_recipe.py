@@ -40,27 +40,27 @@ def test_a_step_can_start_from_an_earlier_model():
 
 
 @pytest.mark.parametrize(
-    "text,message",
+    "text,facts",
     [
-        (GOOD.replace("macs-budget: 0.25", "rnak: 1"), "good.yaml:6: steps[1].convert.rnak: unknown option (known: rank, energy, macs-budget"),
-        (GOOD.replace("epochs: 1", "epochs: five"), "good.yaml:5: steps[0].finetune.epochs: must be an integer, got 'five'"),
-        (GOOD.replace("model: {name: resnet18, ", "model: {"), "good.yaml:2: model: missing required key 'name'"),
-        (GOOD.replace("- export: {}", "- quantize: {}"), "good.yaml:7: steps[2].quantize: unknown step"),
-        (GOOD.replace("data: digits", "datta: digits"), "good.yaml:3: datta: unknown key"),
-        (GOOD.replace("macs-budget: 0.25", "macs-budget: 1.5"), "good.yaml:6: steps[1].convert.macs-budget: must be in (0, 1], got 1.5"),
-        (GOOD.replace("  - convert: {macs-budget: 0.25}\n", "  - convert: {rank: 1}\n  - validate: {}\n").replace("  - export: {}\n", ""), "good.yaml:7: steps[2].validate: validate needs an export step before it"),
-        ("steps: [", "good.yaml:1: not valid YAML"),
-        ("model: {name: resnet18}\n", "good.yaml:1: steps: missing"),
-        (GOOD.replace("name: baseline,", "name: x,").replace("{macs-budget: 0.25}", "{name: x}"), "step name 'x' is used twice"),
-        (GOOD.replace("{macs-budget: 0.25}", "{from: base, rank: 1}"), "good.yaml:6: steps[1].convert.from: names no earlier step that makes a model (earlier: baseline)"),
-        (GOOD.replace("  - export: {}", "  - export: {name: onnx}\n  - prune: {from: onnx}"), "steps[3].prune.from: names no earlier step that makes a model (earlier: baseline, 02-convert)"),
+        (GOOD.replace("macs-budget: 0.25", "rnak: 1"), ["good.yaml:6: steps[1].convert.rnak:"]),
+        (GOOD.replace("epochs: 1", "epochs: five"), ["good.yaml:5: steps[0].finetune.epochs:", "'five'"]),
+        (GOOD.replace("model: {name: resnet18, ", "model: {"), ["good.yaml:2: model:", "'name'"]),
+        (GOOD.replace("- export: {}", "- quantize: {}"), ["good.yaml:7: steps[2].quantize:"]),
+        (GOOD.replace("data: digits", "datta: digits"), ["good.yaml:3: datta:"]),
+        (GOOD.replace("macs-budget: 0.25", "macs-budget: 1.5"), ["good.yaml:6: steps[1].convert.macs-budget:", "1.5"]),
+        (GOOD.replace("  - convert: {macs-budget: 0.25}\n", "  - convert: {rank: 1}\n  - validate: {}\n").replace("  - export: {}\n", ""), ["good.yaml:7: steps[2].validate:", "export"]),
+        ("steps: [", ["good.yaml:1:", "YAML"]),
+        ("model: {name: resnet18}\n", ["good.yaml:1: steps:"]),
+        (GOOD.replace("name: baseline,", "name: x,").replace("{macs-budget: 0.25}", "{name: x}"), ["'x'", "twice"]),
+        (GOOD.replace("{macs-budget: 0.25}", "{from: base, rank: 1}"), ["good.yaml:6: steps[1].convert.from:", "baseline"]),
+        (GOOD.replace("  - export: {}", "  - export: {name: onnx}\n  - prune: {from: onnx}"), ["steps[3].prune.from:", "02-convert"]),
     ],
     ids=["unknown-option", "wrong-type", "missing-name", "unknown-step", "unknown-top-key", "bad-value", "validate-first", "bad-yaml", "no-steps", "duplicate-name", "from-unknown", "from-not-a-model"],
 )
-def test_bad_recipes_name_the_place(text, message):
+def test_bad_recipes_name_the_place(text, facts):
     with pytest.raises(DscompressError) as info:
         recipe.parse(text, "good.yaml")
-    assert message in str(info.value)
+    assert all(fact in str(info.value) for fact in facts), info.value
 
 
 def test_every_problem_is_reported_at_once():
@@ -74,12 +74,12 @@ def test_overrides():
     parsed = recipe.parse(GOOD, "good.yaml", ["finetune.epochs=3", "baseline.lr=0.1", "model.num_classes=4", "02-convert.rank=2", "convert.macs_budget=null"])
     assert parsed.steps[0].options["epochs"] == 3 and parsed.steps[0].options["lr"] == 0.1
     assert parsed.model["num_classes"] == 4
-    with pytest.raises(DscompressError, match="no step of kind or name 'prune'"):
+    with pytest.raises(DscompressError, match="'prune.ratio=0.5'.*'prune'"):
         recipe.parse(GOOD, "good.yaml", ["prune.ratio=0.5"])
-    with pytest.raises(DscompressError, match="write STEP.key=value"):
+    with pytest.raises(DscompressError, match="'epochs=3'"):
         recipe.parse(GOOD, "good.yaml", ["epochs=3"])
 
 
 def test_missing_recipe_file():
-    with pytest.raises(DscompressError, match="cannot read recipe"):
+    with pytest.raises(DscompressError, match="/nonexistent.yaml"):
         recipe.load("/nonexistent.yaml")

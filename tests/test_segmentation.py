@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import tiny_seg
+from conftest import error_line, tiny_seg
 from PIL import Image
 from torch.utils.data import Subset
 
@@ -94,7 +94,7 @@ def test_state_dicts_are_torchvision_s_and_the_aux_head_is_optional(tmp_path):
     net = torchvision.models.get_model("fcn_resnet50", weights=None, weights_backbone=None, num_classes=4, aux_loss=True)
     path = str(tmp_path / "fcn.pt")
     torch.save(net.state_dict(), path)
-    with pytest.warns(UserWarning, match="dropped .* auxiliary-classifier tensors"):
+    with pytest.warns(UserWarning, match="dropped .*aux_classifier"):
         plain = build_model(ModelSpec("fcn_resnet50", num_classes=4, checkpoint=path))
     with_aux = build_model(ModelSpec("fcn_resnet50", num_classes=4, checkpoint=path, aux=True))
     x = torch.randn(2, *SIZE)
@@ -102,7 +102,7 @@ def test_state_dicts_are_torchvision_s_and_the_aux_head_is_optional(tmp_path):
         assert torch.equal(plain(x), net.eval()(x)["out"]) and torch.equal(with_aux(x), plain(x))
     out, aux = with_aux.train()(x)  # training sees both heads; eval mode runs only `out`
     assert out.shape == aux.shape == (2, 4, 32, 32)
-    with pytest.raises(DscompressError, match="lraspp_mobilenet_v3_large has no auxiliary head"):
+    with pytest.raises(DscompressError, match="lraspp_mobilenet_v3_large.*--aux"):
         build_model(ModelSpec("lraspp_mobilenet_v3_large", aux=True))
 
 
@@ -174,7 +174,7 @@ def test_voc_and_segfolder_layouts(tmp_path):
     dataset = load_dataset(f"segfolder:{folder}", (1, 8, 8), "test")
     assert dataset.classes == ["0", "1", "2"] and dataset[0][0].shape == (1, 8, 8)
     (folder / "classes.txt").write_text("sky\nroad\n")
-    with pytest.raises(DscompressError, match=r"x.png holds class 2, outside 0..1 \(2 classes; 255 = ignore\)"):
+    with pytest.raises(DscompressError, match=r"x\.png.*class 2\b"):
         load_dataset(f"segfolder:{folder}", (1, 8, 8), "train")[0]
 
 
@@ -191,7 +191,7 @@ def test_miou_matches_a_hand_computed_case():
     assert scores["iou"][:3] == pytest.approx([50.0, 200 / 3, 50.0]) and scores["iou"][3] is None
     assert scores["miou"] == pytest.approx((50 + 200 / 3 + 50) / 3)
     assert scores["pixel_acc"] == pytest.approx(100 * 5 / 7)  # the ignored pixel is not scored
-    with pytest.raises(DscompressError, match="holds class 4, outside 0..3"):
+    with pytest.raises(DscompressError, match="class 4"):
         check_targets(torch.full_like(target, 4), num_classes=4)
 
 
@@ -292,31 +292,29 @@ def test_atrous_layers_convert_exactly_and_the_onnx_graph_keeps_their_dilations(
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "args,facts",
     [
-        (["evaluate", *TINY, "--data", "digits"], "digits is classification data (one label per image) but conftest:tiny_seg is a segmentation model"),
+        (["evaluate", *TINY, "--data", "digits"], ["digits is classification", "conftest:tiny_seg is a segmentation"]),
         (["evaluate", "conftest:make_tiny", "--num-classes", "11", "--input-size", "3,16,16", "--data", "digits-seg"],
-         "digits-seg is segmentation data (a class per pixel) but conftest:make_tiny is a classification model"),
-        (["finetune", *TINY, "--data", "digits", "--teacher", "none", "-o", "{out}"], "is classification data"),
+         ["digits-seg is segmentation", "conftest:make_tiny is a classification"]),
+        (["finetune", *TINY, "--data", "digits", "--teacher", "none", "-o", "{out}"], ["digits is classification"]),
         (["evaluate", "conftest:tiny_seg", "--num-classes", "11", "--input-size", "3,32,32", "--data", "digits-seg"],
-         "returns (1, 11, 32, 32) (per-pixel logits: if it is a segmentation model, say so with --task segmentation)"),
-        (["evaluate", *TINY[:4], "3", "--input-size", "3,16,16", "--data", "segfolder:{bad}"], "holds class 7, outside 0..2"),
-        (["convert", "resnet18", "--aux", "-o", "{out}"], "--aux adds the auxiliary head of a segmentation model"),
+         ["(1, 11, 32, 32)", "--task segmentation"]),
+        (["evaluate", *TINY[:4], "3", "--input-size", "3,16,16", "--data", "segfolder:{bad}"], ["class 7", "0..2"]),
+        (["convert", "resnet18", "--aux", "-o", "{out}"], ["--aux"]),
     ],
     ids=["segmentation-model-classification-data", "classifier-segmentation-data", "finetune-mismatch", "factory-without-task",
          "mask-out-of-range", "aux-on-a-classifier"],
 )
-def test_mismatches_are_one_line_and_exit_2(args, message, tmp_path):
+def test_mismatches_are_one_line_and_exit_2(args, facts, tmp_path):
     bad = tmp_path / "bad"
     for split in ("train", "val"):
         _png(str(bad / "images" / split / "a.png"), np.zeros((16, 16, 3)))
         _png(str(bad / "masks" / split / "a.png"), np.full((16, 16), 7))
     (bad / "classes.txt").write_text("a\nb\nc\n")
     out = tmp_path / "out"
-    result = run(*[a.format(out=out, bad=bad) for a in args])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if not line.startswith(("warning: ", "note: "))]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    line = error_line(run(*[a.format(out=out, bad=bad) for a in args]))
+    assert all(fact in line for fact in facts), line
     assert not out.exists()
 
 

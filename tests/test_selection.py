@@ -29,9 +29,9 @@ def test_filter_fn_combines_include_and_exclude():
 
 
 def test_bad_patterns_are_one_line():
-    with pytest.raises(DscompressError, match="bad regular expression 're:\\('"):
+    with pytest.raises(DscompressError, match="'re:\\('"):
         check_pattern("re:(")
-    with pytest.raises(DscompressError, match="--include pattern 'layer9' matches no conv layer .*named like 'layer1.0.conv1'"):
+    with pytest.raises(DscompressError, match="--include.*'layer9'.*'layer1.0.conv1'"):
         require_matches(["layer9"], ["layer1.0.conv1"], "--include", "conv layer")
 
 

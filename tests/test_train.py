@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import small_net
+from conftest import error_line, small_net
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -104,25 +104,25 @@ def test_config_defaults_follow_the_teacher_and_the_optimizer(kwargs, lr, weight
 def test_config_rejects_unknown_options():
     config = FinetuneConfig(data="digits", epochs=3, schedule="onecycle", teacher="none", label_smoothing=0.1)
     assert FinetuneConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(DscompressError, match="unknown finetune option"):
+    with pytest.raises(DscompressError, match="'epoch'"):
         FinetuneConfig.from_dict({**config.to_dict(), "epoch": 3})
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"epochs": 0}, "--epochs must be at least 1, got 0"),
-        ({"lr": -1.0}, "--lr must be greater than 0"),
-        ({"alpha": 1.5}, "--alpha must be in \\[0, 1\\]"),
-        ({"temperature": 0.0}, "--temperature must be greater than 0"),
-        ({"optimizer": "lbfgs"}, "--optimizer must be one of sgd, adamw"),
-        ({"schedule": "step"}, "--schedule must be one of"),
-        ({"label_smoothing": 1.0}, "--label-smoothing must be in \\[0, 1\\)"),
-        ({"data": "svhn"}, "unknown dataset"),
-        ({"warmup": 1.0}, "--warmup must be in \\[0, 1\\)"),
-        ({"warmup": 0.2, "schedule": "onecycle"}, "--warmup is for --schedule cosine"),
-        ({"val_share": 1.0}, "--val-share must be in \\[0, 1\\)"),
-        ({"keep": "best", "val_share": 0.0}, "--val-share must be above 0 with --keep best"),
+        ({"epochs": 0}, "--epochs"),
+        ({"lr": -1.0}, "--lr"),
+        ({"alpha": 1.5}, "--alpha"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"optimizer": "lbfgs"}, "--optimizer.*'lbfgs'"),
+        ({"schedule": "step"}, "--schedule.*'step'"),
+        ({"label_smoothing": 1.0}, "--label-smoothing"),
+        ({"data": "svhn"}, "'svhn'"),
+        ({"warmup": 1.0}, "^--warmup"),
+        ({"warmup": 0.2, "schedule": "onecycle"}, "--warmup.*--schedule"),
+        ({"val_share": 1.0}, "^--val-share"),
+        ({"keep": "best", "val_share": 0.0}, "--val-share.*--keep best"),
     ],
     ids=["epochs", "lr", "alpha", "temperature", "optimizer", "schedule", "smoothing", "data", "warmup", "warmup-onecycle",
          "val-share", "keep-best-no-val"],
@@ -205,7 +205,7 @@ def test_an_uncalibrated_conversion_is_calibrated_before_training(converted, wor
     out = str(workdir / "calibrated-first")
     result = run(converted, "--data", "digits", "--epochs", "1", "--lr", "0.02", "-o", out, "--json")
     assert result.exit_code == 0, result.output
-    assert re.search(r"warning: .* not calibrated: calibrated it on digits first .* --no-calibrate-first", result.stderr)
+    assert re.search(r"warning: .*not calibrated.*digits.*--no-calibrate-first", result.stderr), result.stderr
     record = json.loads(result.stdout)
     steps = Artifact.open(out).steps
     assert [s["step"] for s in steps] == ["finetune", "convert", "calibrate", "finetune"]
@@ -235,10 +235,7 @@ def test_a_run_that_ends_below_its_start_says_so(converted, workdir):
     record = Artifact.open(out).steps[-1]["record"]
     assert record["below_start"] and record["epochs"][-1]["val_top1"] < record["start_val_top1"]
     warning = [line for line in result.stderr.splitlines() if "below its start" in line]
-    assert len(warning) == 1 and re.search(
-        r"warning: fine-tuning ended below its start: top-1 [\d.]+% on the \d+ held-out training images, [\d.]+% before "
-        r"training \(more than their [\d.]+-point noise\); try a lower --lr \(this run: 0.5\)", warning[0]), result.stderr
-    assert re.search(r"val top-1 \(\d+ held-out training images\): [\d.]+% before -> [\d.]+%\s+BELOW ITS START", result.stdout)
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "--lr" in warning[0] and "0.5" in warning[0], result.stderr
     # with no share held out there is nothing to compare against
     record = run_ok(converted, "--data", "digits", "--epochs", "1", "--lr", "0.5", "--warmup", "0", "--val-share", "0",
                     "-o", str(workdir / "too-fast-all"))
@@ -318,7 +315,7 @@ def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(tmp_path, where, opt
     else:
         per_epoch = len(train) // config.batch_size * config.batch_size
         interrupted = CtrlCAt(train, at=1 + per_epoch + per_epoch // 2)  # half-way through epoch 2
-        with pytest.raises(FinetuneInterrupted, match="during epoch 2 of 2"):
+        with pytest.raises(FinetuneInterrupted, match="epoch 2 of 2"):
             finetune(copy.deepcopy(start), copy.deepcopy(teacher), interrupted, test, config, checkpoint_dir=folder)
     state = torch.load(checkpoint_path(folder), weights_only=True)
     assert state["epoch"] == 1 and _only_plain_data(state)
@@ -344,22 +341,20 @@ def test_cli_resume_continues_and_checks_the_checkpoint(baseline, converted, wor
     assert read_checkpoint(work_folder(out))["epoch"] == 1
 
     cases = [
-        ((baseline, *args), "holds an unfinished run"),
-        ((baseline, *args, "--resume", "--lr", "0.01"), "was made with lr=0.05, not 0.01"),
-        ((converted, *args, "--resume"), "was made for a different model"),
+        ((baseline, *args), ["unfinished run", "--resume"]),
+        ((baseline, *args, "--resume", "--lr", "0.01"), ["lr=0.05", "0.01"]),
+        ((converted, *args, "--resume"), ["different model"]),
     ]
-    for argv, message in cases:
-        result = run(*argv)
-        assert result.exit_code == 2 and message in result.stderr, result.output
-        assert len(result.stderr.strip().splitlines()) == 1
+    for argv, facts in cases:
+        line = error_line(run(*argv))
+        assert all(fact in line for fact in facts), line
     # a checkpoint from before --warmup existed (0.2) resumed would not be the same run
     path = checkpoint_path(work_folder(out))
     saved = open(path, "rb").read()
     state = torch.load(path, weights_only=True)
     del state["config"]["warmup"]
     torch.save(state, path)
-    result = run(baseline, *args, "--resume")
-    assert result.exit_code == 2 and "was made by an older dscompress, which had no 'warmup' option" in result.stderr
+    assert "'warmup'" in error_line(run(baseline, *args, "--resume"))
     open(path, "wb").write(saved)
 
     record = run_ok(baseline, *args, "--resume")
@@ -373,10 +368,8 @@ def test_cli_resume_continues_and_checks_the_checkpoint(baseline, converted, wor
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(baseline, workdir):
     out = str(workdir / "diverged")
-    result = run(baseline, "--data", "digits", "--teacher", "none", "--epochs", "2", "--lr", "1e6", "-o", out)
-    assert result.exit_code == 2, result.output
-    assert "the loss became nan" in result.stderr and "--force" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    line = error_line(run(baseline, "--data", "digits", "--teacher", "none", "--epochs", "2", "--lr", "1e6", "-o", out))
+    assert "nan" in line and "--force" in line
     assert not os.path.exists(out)
     state = read_checkpoint(work_folder(out))
     assert state["epoch"] == 0
@@ -384,24 +377,22 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(baseline, workd
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "argv, facts",
     [
-        (["{base}", "--data", "mnist:{work}/no-such-folder", "-o", "{work}/x"], "does not exist"),
+        (["{base}", "--data", "mnist:{work}/no-such-folder", "-o", "{work}/x"], ["no-such-folder"]),
         ([MODEL, "--num-classes", "5", "--input-size", SIZE, "--data", "digits", "--teacher", "none", "-o", "{work}/x"],
-         "digits has 10 classes but the model has 5 outputs"),
-        (["{base}", "--data", "digits", "--resume", "-o", "{work}/x"], "no checkpoint to resume from"),
-        (["{base}", "--data", "digits", "-o", "{base}"], "already exists"),
-        ([MODEL, "--num-classes", "10", "--input-size", SIZE, "--data", "digits", "-o", "{work}/x"], "--teacher none"),
-        (["{base}", "--data", "digits", "--alpha", "2", "-o", "{work}/x"], "--alpha must be in [0, 1], got 2.0"),
-        (["{base}", "--data", "digits", "--amp", "fp16", "--device", "cpu", "-o", "{work}/x"], "needs a CUDA device"),
+         ["10 classes", "5 outputs"]),
+        (["{base}", "--data", "digits", "--resume", "-o", "{work}/x"], ["no checkpoint", "--resume"]),
+        (["{base}", "--data", "digits", "-o", "{base}"], ["already exists", "--force"]),
+        ([MODEL, "--num-classes", "10", "--input-size", SIZE, "--data", "digits", "-o", "{work}/x"], ["--teacher none"]),
+        (["{base}", "--data", "digits", "--alpha", "2", "-o", "{work}/x"], ["--alpha", "2.0"]),
+        (["{base}", "--data", "digits", "--amp", "fp16", "--device", "cpu", "-o", "{work}/x"], ["--amp", "CUDA"]),
     ],
     ids=["missing-data", "class-mismatch", "resume-nothing", "output-exists", "plain-model-teacher", "alpha", "amp-on-cpu"],
 )
-def test_bad_input_is_one_line(baseline, workdir, argv, message):
-    result = run(*[a.format(base=baseline, work=workdir) for a in argv])
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_line(baseline, workdir, argv, facts):
+    line = error_line(run(*[a.format(base=baseline, work=workdir) for a in argv]))
+    assert all(fact in line for fact in facts), line
     assert not os.path.exists(workdir / "x")
 
 
@@ -459,7 +450,7 @@ def test_augmentation_crops_and_flips_only_when_asked():
     crops = [Augmented(data, flip=False)[0] for _ in range(8)]
     assert all(x.shape == image.shape and y == label for x, y in crops)
     assert any(not torch.equal(x, image) for x, _ in crops)  # shifted by up to 2 pixels
-    with pytest.raises(DscompressError, match="--augment must be one of none, crop, crop\\+flip"):
+    with pytest.raises(DscompressError, match="--augment.*'mixup'"):
         FinetuneConfig(augment="mixup")
     config = FinetuneConfig(epochs=1, teacher="none", augment="crop", device="cpu")
     _, record = finetune(small_net(), None, load_dataset("digits", (3, 8, 8)), load_dataset("digits", (3, 8, 8), "test"), config)

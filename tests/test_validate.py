@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import GPU, ORT_LISTS_CUDA, make_tiny, tiny_seg
+from conftest import GPU, ORT_LISTS_CUDA, error_line, make_tiny, tiny_seg
 from torch import nn
 
 from dscompress.cli.main import cli
@@ -191,12 +191,12 @@ def test_model_mode_is_restored(exported):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"providers": "cpu,gpu"}, "unknown provider 'gpu'"),
-        ({"providers": "auto,cpu"}, "give it alone"),
+        ({"providers": "cpu,gpu"}, "'gpu'"),
+        ({"providers": "auto,cpu"}, "'auto'.*alone"),
         ({"providers": ""}, "at least one provider"),
-        ({"batch_sizes": "1,0"}, "--batch-sizes must be at least 1, got 0"),
-        ({"batch_sizes": "one"}, "--batch-sizes must be an integer, got .one."),
-        ({"atol": -1.0}, "--atol must be at least 0"),
+        ({"batch_sizes": "1,0"}, "--batch-sizes.*got 0"),
+        ({"batch_sizes": "one"}, "--batch-sizes.*'one'"),
+        ({"atol": -1.0}, "--atol"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -218,37 +218,35 @@ def test_cli_json_and_table(artifact_export):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["status"] == "pass" and record["batch_sizes"] == [1, 3]
-    result = CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder, "--batch-sizes", "2,5"])
+    result = CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder, "--batch-sizes", "2,5", "--json"])
     assert result.exit_code == 0, result.output
-    assert "ONNX Runtime vs PyTorch: pass" in result.stdout
+    record = json.loads(result.stdout)
+    assert record["status"] == "pass" and record["batch_sizes"] == [2, 5]
+    table = CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder])
+    assert table.exit_code == 0 and table.stdout, table.output
 
 
 def test_cli_cuda_request_without_gpu_exits_non_zero(artifact_export):
     if GPU:
         pytest.skip("a usable GPU is present")
     folder, onnx_path = artifact_export
-    result = CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder, "--providers", "cpu,cuda"])
-    assert result.exit_code == 1
-    assert "cuda unavailable" in result.stderr
-    assert "pass" not in result.stderr
+    line = error_line(CliRunner().invoke(cli, ["validate", onnx_path, "--against", folder, "--providers", "cpu,cuda"]), code=1)
+    assert "cuda unavailable" in line and "pass" not in line
 
 
 @pytest.mark.parametrize(
-    "make_args, message",
+    "make_args, facts",
     [
-        (lambda tmp, folder, onnx_path: [str(tmp / "missing.onnx"), "--against", folder], "does not exist"),
-        (lambda tmp, folder, onnx_path: [str(tmp / "notes.txt"), "--against", folder], "is not an ONNX model"),
-        (lambda tmp, folder, onnx_path: [onnx_path, "--against", "resnet18", "--num-classes", "10"], "--input-size 3,32,32"),
-        (lambda tmp, folder, onnx_path: [onnx_path, "--against", "resnet18", "--input-size", "3,32,32"], "shape (1, 10) in the ONNX model"),
-        (lambda tmp, folder, onnx_path: [onnx_path, "--against", folder, "--providers", "gpu"], "unknown provider"),
+        (lambda tmp, folder, onnx_path: [str(tmp / "missing.onnx"), "--against", folder], ["missing.onnx", "does not exist"]),
+        (lambda tmp, folder, onnx_path: [str(tmp / "notes.txt"), "--against", folder], ["notes.txt", "not an ONNX model"]),
+        (lambda tmp, folder, onnx_path: [onnx_path, "--against", "resnet18", "--num-classes", "10"], ["--input-size 3,32,32"]),
+        (lambda tmp, folder, onnx_path: [onnx_path, "--against", "resnet18", "--input-size", "3,32,32"], ["(1, 10)"]),
+        (lambda tmp, folder, onnx_path: [onnx_path, "--against", folder, "--providers", "gpu"], ["'gpu'"]),
     ],
     ids=["missing-file", "not-onnx", "input-size-mismatch", "output-shape-mismatch", "unknown-provider"],
 )
-def test_cli_bad_input_is_one_line(artifact_export, tmp_path, make_args, message):
+def test_cli_bad_input_is_one_line(artifact_export, tmp_path, make_args, facts):
     folder, onnx_path = artifact_export
     (tmp_path / "notes.txt").write_text("not a model")
-    result = CliRunner().invoke(cli, ["validate", *make_args(tmp_path, folder, onnx_path)])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.output
+    line = error_line(CliRunner().invoke(cli, ["validate", *make_args(tmp_path, folder, onnx_path)]))
+    assert all(fact in line for fact in facts), line
