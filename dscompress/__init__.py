@@ -30,6 +30,8 @@ _API = {
     "calibrate": "dscompress.compress.calibrate",
     "PruneConfig": "dscompress.compress.prune",
     "prune": "dscompress.compress.prune",
+    "EqualizeConfig": "dscompress.compress.equalize",
+    "equalize": "dscompress.compress.equalize",
     "FinetuneConfig": "dscompress.train.finetune",
     "finetune": "dscompress.train.finetune",
     "PlanConfig": "dscompress.planning.plan",

@@ -26,6 +26,7 @@ COMMANDS = {
     "calibrate": "Refit a converted or pruned model to its original on real images, without training. Saves an artifact.",
     "prune": "Remove MODEL's least important channels (Torch-Pruning). Saves an artifact.",
     "finetune": "Fine-tune MODEL by distillation from its original (or train it: --teacher none). Saves an artifact.",
+    "equalize": "Equalize each depthwise-separable layer's halves for INT8 (cross-layer equalization), leaving its fp32 function as it was. Saves an artifact.",
     "evaluate": "Accuracy of MODEL on the test split: top-1/top-5, or mIoU and pixel accuracy (an artifact records it).",
     "export": "Export MODEL to ONNX and validate it on ONNX Runtime.",
     "validate": "Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider.",

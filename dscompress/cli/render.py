@@ -18,6 +18,7 @@ from rich.table import Table
 
 from dscompress.compress.calibrate import CalibrationRecord
 from dscompress.compress.convert import ConversionRecord
+from dscompress.compress.equalize import EqualizeRecord
 from dscompress.compress.prune import PruneRecord
 from dscompress.compress.units import PlannedConversion
 from dscompress.core.config import Record
@@ -130,6 +131,19 @@ def _calibration(record: CalibrationRecord) -> list:
         lines.append("skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in record.skipped))
     lines.append(f"took {record.seconds:.1f}s")
     return [shown, *lines]
+
+
+@renders(EqualizeRecord)
+def _equalize(record: EqualizeRecord) -> list:
+    shown = table(f"equalized {len(record.layers)} layers (ranges of the {record.ranges}"
+                  + (f", {record.images} images)" if record.images else ")"),
+                  ["layer", "channels", "spread", "scales"], left=("layer",))
+    for layer in record.layers:
+        shown.add_row(layer.name, str(layer.channels), f"{layer.spread_before:g} -> {layer.spread_after:g}",
+                      f"{layer.smallest_scale:g} .. {layer.largest_scale:g}")
+    worst = max((layer.spread_before for layer in record.layers), default=1.0)
+    after = max((layer.spread_after for layer in record.layers), default=1.0)
+    return [shown, f"largest channel spread: {worst:g} -> {after:g} (largest / smallest channel range; the fp32 function is unchanged)"]
 
 
 @renders(PruneRecord)

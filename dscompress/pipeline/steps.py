@@ -14,6 +14,7 @@ import os
 from dscompress.artifact.format import WEIGHTS, Artifact, Source, resolve
 from dscompress.compress.calibrate import CalibrateConfig
 from dscompress.compress.convert import ConversionRecord, ConvertConfig
+from dscompress.compress.equalize import EqualizeConfig
 from dscompress.compress.prune import PruneConfig
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import sha256_file
@@ -60,6 +61,7 @@ register_step(ConvertConfig, chains=("calibrate",), metrics=_macs, warns_random=
 register_step(CalibrateConfig)
 register_step(PruneConfig, chains=("calibrate",), metrics=_macs, warns_random=True)
 register_step(FinetuneConfig, resumable=True, metrics=_scores, trains=True)
+register_step(EqualizeConfig)
 
 
 # --- steps that measure ---------------------------------------------------------------------------

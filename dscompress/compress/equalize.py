@@ -1,0 +1,152 @@
+"""Cross-layer equalization of the depthwise -> pointwise pairs that conversion makes (Nagel et al.
+2019, "Data-Free Quantization"), so that INT8 loses less.
+
+Inside a :class:`~dscompress.nn.layers.DepthwiseSeparableConv2d` nothing sits between the halves
+(no bias, no norm, no activation), so scaling the depthwise filter ``k`` by ``1 / s_k`` and the
+pointwise column ``k`` by ``s_k`` leaves the layer's function exactly as it was, in fp32. What
+changes is how well 8 bits cover it: the depthwise outputs are one activation tensor quantized with
+one scale, so a channel whose values span a hundredth of the largest one's gets a hundredth of the
+grid. With ``s_k = sqrt(a_k / c_k)`` (``a_k`` the channel's range, ``c_k`` the largest weight of its
+pointwise column), each channel's range and its column's weights meet at ``sqrt(a_k c_k)``: the
+channels' ranges come together and no column grows past what its neighbours hold.
+
+The ranges ``a_k`` are those of the depthwise outputs on calibration images (``--data``), or, with
+no data, of the depthwise filters themselves (DFQ's data-free form).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from dscompress.compress.calibrate import calibration_batches
+from dscompress.core.config import Record, StepConfig, check_range, option
+from dscompress.core.errors import DscompressError
+from dscompress.core.transform import TransformContext, register_transform
+from dscompress.core.util import eval_mode, model_device
+from dscompress.data.datasets import DataSpec, check_classes, load_dataset
+from dscompress.models.build import output_classes
+from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
+
+# Ranges below this are treated as this (a dead channel is left alone rather than blown up).
+FLOOR = 1e-8
+
+
+@dataclass
+class EqualizeConfig(StepConfig):
+    """How to equalize."""
+
+    STEP: ClassVar[str] = "equalize"
+
+    data: str | None = option(None, "Dataset whose train split gives the depthwise outputs' ranges; none: the filters' own (data-free).",
+                              metavar="SPEC")
+    batches: int = option(4, "Batches of images that measure the ranges.")
+    batch_size: int = option(32, "Images per batch.")
+    seed: int = option(0, "Which images are drawn.")
+
+    def check(self):
+        if self.data is not None:
+            self.data = str(DataSpec.parse(self.data))
+        check_range("batches", self.batches, low=1)
+        check_range("batch_size", self.batch_size, low=1)
+
+
+@dataclass
+class EqualizedLayer(Record):
+    """One layer's pair, before and after: the spread is the largest channel range over the smallest
+    (how many times coarser the smallest channel's grid is than it could be)."""
+
+    name: str
+    channels: int
+    spread_before: float
+    spread_after: float
+    largest_scale: float
+    smallest_scale: float
+
+
+@dataclass
+class EqualizeRecord(Record):
+    """What :func:`equalize` did."""
+
+    config: dict
+    ranges: str
+    images: int
+    layers: list[EqualizedLayer] = field(default_factory=list)
+
+
+def _spread(ranges: torch.Tensor) -> float:
+    live = ranges[ranges > FLOOR]
+    return round(float(live.max() / live.min()), 3) if len(live) else 1.0
+
+
+@torch.no_grad()
+def _output_ranges(model: nn.Module, layers: dict[str, DepthwiseSeparableConv2d], images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The largest |value| of each depthwise output channel over the images, per layer."""
+    ranges: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args):  # on the layer's input: its forward may not call the depthwise half (split_pays)
+            seen = module.depthwise(args[0]).abs().amax(dim=(0, 2, 3))
+            ranges[name] = torch.maximum(ranges[name], seen) if name in ranges else seen
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    device = model_device(model)
+    try:
+        with eval_mode(model):
+            for batch in images:
+                model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranges
+
+
+@torch.no_grad()
+def equalize(model: nn.Module, config: EqualizeConfig | None = None, images: list[torch.Tensor] | None = None) -> tuple[nn.Module, EqualizeRecord]:
+    """Return a copy of ``model`` with every depthwise-separable layer's halves equalized.
+
+    Args:
+        model: a converted model; its :class:`DepthwiseSeparableConv2d` layers are equalized.
+        config: the policy (its ``data`` only says where ``images`` came from).
+        images: batches (N, C, H, W) whose depthwise outputs give the ranges; None: the filters'.
+
+    The copy computes the same function in fp32 (to float rounding).
+    """
+    config = config or EqualizeConfig()
+    model = copy.deepcopy(model).eval()
+    layers = {name: m for name, m in named_layers(model) if isinstance(m, DepthwiseSeparableConv2d)}
+    if not layers:
+        raise DscompressError("nothing to equalize: the model has no depthwise-separable layer; convert it first")
+    measured = _output_ranges(model, layers, images) if images else {}
+    record = EqualizeRecord(config.to_dict(), "activations" if images else "weights", sum(len(b) for b in images or []))
+    for name, layer in layers.items():
+        depthwise, pointwise = layer.depthwise.weight, layer.pointwise.weight  # (C*r, 1, kh, kw), (out, C*r, 1, 1)
+        ranges = measured.get(name)
+        if ranges is None:  # not called by forward, or data-free
+            ranges = depthwise.abs().flatten(1).amax(1)
+        columns = pointwise.abs().amax(dim=(0, 2, 3))
+        live = (ranges > FLOOR) & (columns > FLOOR)
+        scale = torch.where(live, (ranges.clamp_min(FLOOR) / columns.clamp_min(FLOOR)).sqrt(), torch.ones_like(ranges))
+        depthwise.div_(scale.view(-1, 1, 1, 1).to(depthwise.dtype))
+        pointwise.mul_(scale.view(1, -1, 1, 1).to(pointwise.dtype))
+        record.layers.append(EqualizedLayer(name, len(ranges), _spread(ranges), _spread(ranges / scale),
+                                            round(float(scale.max()), 4), round(float(scale.min()), 4)))
+    return model, record
+
+
+@register_transform(EqualizeConfig)
+def equalize_transform(model: nn.Module, config: EqualizeConfig, context: TransformContext) -> tuple[nn.Module, EqualizeRecord]:
+    """Equalize each depthwise-separable layer's halves for INT8 (cross-layer equalization), leaving its fp32 function as it was."""
+    images = None
+    if config.data is not None:
+        dataset = load_dataset(config.data, context.input_size, split="train")
+        check_classes(dataset, output_classes(model, context.input_size, context.task, context.label), data_name=config.data,
+                      task=context.task, model_name=context.label)
+        images = calibration_batches(config.data, context.input_size, config.batches, config.batch_size, config.seed)
+    return equalize(model, config, images)
+
