@@ -1,2 +1,2 @@
-"""Below everything: errors, config dataclasses and their coercion, the name-selection vocabulary, files
-written atomically, threads, devices and progress."""
+"""Below everything: errors, config dataclasses and their coercion, the registry of model transforms,
+the name-selection vocabulary, files written atomically, threads, devices and progress."""
