@@ -41,7 +41,8 @@ import time
 
 import torch
 
-from dscompress.artifact.format import Artifact, resolve
+from dscompress.artifact.format import Artifact
+from dscompress.artifact.source import resolve
 from dscompress.compress.calibrate import CalibrateConfig
 from dscompress.compress.convert import ConvertConfig
 from dscompress.core.util import human

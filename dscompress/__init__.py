@@ -15,9 +15,9 @@ _API = {
     "ModelSpec": "dscompress.models.build",
     "build_model": "dscompress.models.build",
     "Artifact": "dscompress.artifact.format",
-    "Source": "dscompress.artifact.format",
+    "Source": "dscompress.artifact.source",
     "load": "dscompress.artifact.format",
-    "resolve": "dscompress.artifact.format",
+    "resolve": "dscompress.artifact.source",
     "save": "dscompress.artifact.format",
     # transforms: nn.Module in, (module, record) out; apply runs the one a config configures
     "apply": "dscompress.core.transform",

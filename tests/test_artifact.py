@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import dscompress
-from dscompress.artifact.format import MANIFEST, Artifact, resolve, save_step
+from dscompress.artifact.format import MANIFEST, Artifact
+from dscompress.artifact.source import Source, resolve, save_step
 from dscompress.compress.convert import ConvertConfig
 from dscompress.core.errors import DscompressError
 from dscompress.pipeline.steps import convert_artifact
@@ -67,13 +68,13 @@ def test_refuses_to_overwrite_then_replaces_with_force(converted):
 
 
 def test_interrupted_save_leaves_nothing_behind(tmp_path, tiny, monkeypatch):
-    import dscompress.artifact.format as artifact_module
+    import dscompress.artifact.format as artifact_format
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    source = artifact_module.Source(tiny, dscompress.ModelSpec("conftest:make_tiny", input_size=(3, 16, 16)))
-    monkeypatch.setattr(artifact_module, "write_json", fail)
+    source = Source(tiny, dscompress.ModelSpec("conftest:make_tiny", input_size=(3, 16, 16)))
+    monkeypatch.setattr(artifact_format, "write_json", fail)
     with pytest.raises(KeyboardInterrupt):
         save_step(source, str(tmp_path / "out"), tiny, [])
     assert os.listdir(tmp_path) == []

@@ -70,7 +70,8 @@ def test_cuda_without_gpu_is_unavailable_not_timed(two_models):
 
 
 def test_onnx_file_and_artifact_targets(tmp_path):
-    from dscompress.artifact.format import Artifact, resolve, save
+    from dscompress.artifact.format import Artifact, save
+    from dscompress.artifact.source import resolve
     from dscompress.models.build import ModelSpec, build_model
 
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)

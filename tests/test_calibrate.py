@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from conftest import TinyCNN, error_line
 from torch import nn
 
-from dscompress.artifact.format import Artifact, resolve, save, save_step, step_entry
+from dscompress.artifact.format import Artifact, save, step_entry
+from dscompress.artifact.source import resolve, save_step
 from dscompress.cli.main import cli
 from dscompress.compress.calibrate import (
     CalibrateConfig,

@@ -5,7 +5,8 @@ import torch
 from click.testing import CliRunner
 from conftest import error_line
 
-from dscompress.artifact.format import Artifact, resolve
+from dscompress.artifact.format import Artifact
+from dscompress.artifact.source import resolve
 from dscompress.cli.main import cli
 from dscompress.compress.convert import ConvertConfig
 from dscompress.data.datasets import load_dataset, make_loader

@@ -39,7 +39,7 @@ def run_onnx(path, images: torch.Tensor) -> np.ndarray:
 def resnet_export(tmp_path_factory):
     """An artifact of resnet18 converted at rank 1, exported with --simplify through the CLI."""
     root = tmp_path_factory.mktemp("resnet")
-    from dscompress.artifact.format import Source
+    from dscompress.artifact.source import Source
     from dscompress.models.build import build_model
 
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)
@@ -356,7 +356,7 @@ def test_disk_full_during_export_is_one_line(tmp_path, monkeypatch):
 def test_validate_says_when_the_onnx_came_from_another_artifact(resnet_export, tmp_path):
     """The export stamps the artifact's weights sha256 in the graph; validating against an artifact
     with other weights (the same architecture) says so beside the failure."""
-    from dscompress.artifact.format import Source
+    from dscompress.artifact.source import Source
     from dscompress.models.build import build_model
 
     spec = ModelSpec("resnet18", num_classes=10, input_size=SIZE)

@@ -6,7 +6,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from dscompress.artifact.format import resolve
+from dscompress.artifact.source import resolve
 from dscompress.cli.main import cli
 from dscompress.core.util import Progress
 from dscompress.pipeline import recipe

@@ -11,7 +11,8 @@ from conftest import error_line
 from torch import nn
 
 import dscompress
-from dscompress.artifact.format import Source, save_step, step_entry
+from dscompress.artifact.format import step_entry
+from dscompress.artifact.source import Source, save_step
 from dscompress.cli.main import cli
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.compress.prune import PruneConfig, output_layers, prune

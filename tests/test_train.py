@@ -21,7 +21,8 @@ from conftest import error_line, small_net
 from torch import nn
 from torch.utils.data import Dataset
 
-from dscompress.artifact.format import Artifact, load, resolve
+from dscompress.artifact.format import Artifact, load
+from dscompress.artifact.source import resolve
 from dscompress.cli.main import cli
 from dscompress.compress.convert import ConvertConfig
 from dscompress.core.errors import DscompressError

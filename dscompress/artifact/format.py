@@ -10,8 +10,9 @@ Layout::
 
 ``structure`` lists every module whose shape differs from a freshly built model of the spec:
 swapped layers with their constructor arguments, and resized layers (after pruning) with their
-new attributes. Loading builds the spec's model, applies the structure, resizes tensors to the
-stored shapes and loads the weights, so the outputs are bitwise those of the saved model.
+new attributes (:mod:`dscompress.artifact.structure`). Loading builds the spec's model, applies
+the structure, resizes tensors to the stored shapes and loads the weights, so the outputs are
+bitwise those of the saved model.
 
 Each step entry is ``{"step": name, "version": config version, "config": ..., "record": ...}``.
 Format 1 (dscompress 0.1) had no ``version`` in step entries and no ``preprocess``; it reads as is.
@@ -19,11 +20,10 @@ Format 1 (dscompress 0.1) had no ``version`` in step entries and no ``preprocess
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,12 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dscompress import __version__
+from dscompress.artifact.structure import apply_structure, structure_of
 from dscompress.core.config import Record, StepConfig
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import atomic_path, check_writable, default_permissions, write_json
 from dscompress.data.datasets import Preprocess
-from dscompress.models.build import ModelSpec, build_model, check_state_dict, read_state_dict, with_metadata
-from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
+from dscompress.models.build import ModelSpec, build_model, check_state_dict, with_metadata
 from dscompress.nn.metrics import count_macs, count_params
 
 FORMAT = "dscompress-artifact"
@@ -46,9 +46,6 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 ORIGINAL = "original.safetensors"
 
-# Module attributes that structural changes (pruning) edit; recorded when they differ.
-SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape")
-LAYER_TYPES = {"DepthwiseSeparableConv2d": DepthwiseSeparableConv2d}
 # The manifest's keys and the JSON type each must have.
 MANIFEST_SCHEMA = {"format": str, "format_version": int, "model": dict, "steps": list, "structure": dict, "files": dict, "metrics": dict}
 
@@ -60,73 +57,6 @@ def is_artifact(path: str) -> bool:
 def step_entry(config: StepConfig, record: Record) -> dict:
     """The manifest's entry for one step."""
     return {"step": config.STEP, "version": config.VERSION, "config": config.to_dict(), "record": record.to_dict()}
-
-
-# --- structure ---------------------------------------------------------------------------------
-
-
-def _shape_attrs(module: nn.Module) -> dict:
-    out = {}
-    for attr in SHAPE_ATTRS:
-        value = module.__dict__.get(attr)
-        if value is not None:
-            out[attr] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def structure_of(model: nn.Module, base: nn.Module) -> dict:
-    """How ``model`` differs in structure from ``base``, a fresh build of the same spec."""
-    base_modules = dict(base.named_modules())
-    structure = {}
-    for name, module in named_layers(model):  # not inside a swapped layer (a resized block is looked into)
-        if isinstance(module, DepthwiseSeparableConv2d):
-            structure[name] = {"type": type(module).__name__, "args": module.constructor_args()}
-            continue
-        reference = base_modules.get(name)
-        if reference is None:
-            raise DscompressError(f"module {name!r} has no counterpart in the spec's model; cannot save it")
-        attrs = _shape_attrs(module)
-        if attrs != _shape_attrs(reference) or _tensor_shapes(module) != _tensor_shapes(reference):
-            structure[name] = {"attrs": attrs}
-    return structure
-
-
-def _tensor_shapes(module: nn.Module) -> dict:
-    """Shapes of a module's own parameters and buffers (not its children's)."""
-    tensors = {**module._parameters, **module._buffers}
-    return {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
-
-
-def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Give a fresh model the recorded structure and tensors of the stored shapes."""
-    for name, entry in structure.items():
-        if "type" in entry:
-            cls = LAYER_TYPES.get(entry["type"])
-            if cls is None:
-                raise DscompressError(f"artifact names an unknown layer type {entry['type']!r}; upgrade dscompress")
-            args = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["args"].items()}
-            model.set_submodule(name, cls(**args))
-        else:
-            module = model.get_submodule(name)
-            for attr, value in entry["attrs"].items():
-                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-    for key, tensor in state.items():
-        owner_name, _, attr = key.rpartition(".")
-        if owner_name not in structure or "attrs" not in structure[owner_name]:
-            continue  # only recorded modules change shape; anything else is a mismatch to report
-        try:
-            owner = model.get_submodule(owner_name) if owner_name else model
-        except AttributeError:
-            continue  # reported by check_state_dict
-        current = getattr(owner, attr, None)
-        if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
-            replacement = torch.empty(tensor.shape, dtype=current.dtype)
-            if isinstance(current, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(replacement, requires_grad=current.requires_grad))
-            else:
-                owner._buffers[attr] = replacement
-    return model
-
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -328,120 +258,3 @@ class Artifact:
 def load(path: str) -> nn.Module:
     """Rebuild the model stored in an artifact folder, without pickle."""
     return Artifact.open(path).model()
-
-
-# --- sources: a model named on the command line, or an artifact ----------------------------------
-
-
-@dataclass
-class Source:
-    """A model to work on, with where it came from.
-
-    Attributes:
-        model: the model, in eval mode.
-        spec: the spec of its base architecture.
-        artifact: the artifact it was read from, if any.
-        pending: step entries applied in memory since the artifact (or the named model) was read.
-        start: the model as read, before the pending steps (its teacher when it has no original).
-    """
-
-    model: nn.Module
-    spec: ModelSpec
-    artifact: Artifact | None = None
-    pending: list[dict] = field(default_factory=list)
-    start: nn.Module | None = None
-
-    @property
-    def steps(self) -> list[dict]:
-        return (list(self.artifact.steps) if self.artifact else []) + list(self.pending)
-
-    @property
-    def label(self) -> str:
-        return self.artifact.path if self.artifact else self.spec.name
-
-    def then(self, model: nn.Module, entry: dict) -> Source:
-        """The source after one more step, done in memory: ``model``, with ``entry`` pending."""
-        return Source(model, self.spec, self.artifact, self.pending + [entry], self.start if self.pending else self.model)
-
-    def original(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(structure, weights) of the uncompressed model to keep as the teacher.
-
-        An artifact's own original if it has one; otherwise the model as it was read.
-        """
-        if self.artifact is not None and self.artifact.has_original:
-            return self.artifact.original_state()
-        model = self.start if self.pending else self.model
-        return structure_of(model, build_model(self.spec, load_weights=False)), _tensors(model)
-
-    def teacher(self) -> nn.Module:
-        """A separate, frozen copy of the uncompressed model."""
-        if self.artifact is not None and self.artifact.has_original:
-            model = self.artifact.original_model()
-        else:
-            model = copy.deepcopy(self.start if self.pending else self.model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model.eval()
-
-
-def resolve(
-    model: str,
-    num_classes: int | None = None,
-    input_size: tuple[int, int, int] | None = None,
-    checkpoint: str | None = None,
-    weights: str | None = None,
-    task: str | None = None,
-    aux: bool = False,
-) -> Source:
-    """Turn a MODEL argument (a name, ``package.module:factory`` or artifact folder) into a model.
-
-    For an artifact folder the manifest supplies the options; a conflicting ``num_classes`` or
-    ``input_size`` is an error, and ``checkpoint`` loads weights over it. Its weights files are
-    checked before anything else is done with it.
-    """
-    if os.path.isdir(model):
-        artifact = Artifact.open(model)
-        spec = artifact.spec
-        if num_classes is not None and spec.num_classes not in (None, num_classes):
-            raise DscompressError(f"{model!r} has {spec.num_classes} classes; drop --num-classes {num_classes}")
-        if weights:
-            raise DscompressError(f"{model!r} is an artifact with its own weights; drop --weights")
-        if task is not None and task != spec.task:
-            raise DscompressError(f"{model!r} holds a {spec.task} model; drop --task {task}")
-        if aux and not spec.aux:
-            raise DscompressError(f"{model!r} was built without an auxiliary head; drop --aux (it can only be chosen when the model is first named)")
-        if input_size is not None and tuple(input_size) != tuple(spec.input_size):
-            made = ",".join(map(str, spec.input_size))
-            raise DscompressError(f"{model!r} was made for inputs of {made}; drop --input-size (or convert the model again at that size)")
-        artifact.check_files()
-        net = artifact.model()
-        if checkpoint:
-            state = read_state_dict(checkpoint)
-            check_state_dict(net, state, source=checkpoint)
-            net.load_state_dict(state)
-        return Source(net, spec, artifact)
-    if os.sep in model and not os.path.exists(model):
-        raise DscompressError(f"{model!r} is not an artifact folder (no such folder)")
-    if os.path.isfile(model):
-        raise DscompressError(f"{model!r} is a file, not a model name or an artifact folder (state dicts go with --checkpoint FILE)")
-    spec = ModelSpec(
-        name=model,
-        num_classes=num_classes,
-        input_size=tuple(input_size) if input_size else ModelSpec.__dataclass_fields__["input_size"].default,
-        weights=weights,
-        checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
-        task=task,
-        aux=aux,
-    )
-    return Source(build_model(spec), spec)
-
-
-def save_step(source: Source, out: str, model: nn.Module, entries: list[dict], metrics: dict | None = None, force: bool = False,
-              documents: dict[str, dict] | None = None) -> Artifact:
-    """Save ``model`` as the result of the steps ``entries`` (:func:`step_entry`) applied to ``source``.
-
-    The new artifact carries the source's steps plus these, and the uncompressed original
-    (the teacher for fine-tuning): the source's own original, or the source itself.
-    """
-    check_output(out, force)
-    return save(out, model, source.spec, source.steps + entries, original=source.original(), metrics=metrics, force=force, documents=documents)

@@ -19,7 +19,7 @@ import warnings
 
 import click
 
-from dscompress.artifact.format import resolve
+from dscompress.artifact.source import resolve
 from dscompress.cli import report as reporting
 from dscompress.cli.render import ConsoleProgress, render, stdout_console
 from dscompress.core.config import StepConfig, describe, flag_name

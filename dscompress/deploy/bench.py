@@ -171,7 +171,7 @@ def machine() -> str:
 def load_targets(names: list[str], load_source: Callable[[str], object]) -> list[BenchTarget]:
     """Targets for command-line names: ``.onnx`` files, model names and artifact folders.
 
-    ``load_source`` turns a model name or folder into a :class:`~dscompress.artifact.format.Source`.
+    ``load_source`` turns a model name or folder into a :class:`~dscompress.artifact.source.Source`.
     An ONNX file's input size is read from its graph, which must fix C, H and W.
     """
     targets = []

@@ -22,7 +22,8 @@ from typing import Literal
 
 from torch import nn
 
-from dscompress.artifact.format import Artifact, Source, check_output, resolve, save_step, step_entry
+from dscompress.artifact.format import Artifact, check_output, step_entry
+from dscompress.artifact.source import Source, resolve, save_step
 from dscompress.compress.calibrate import CalibrateConfig
 from dscompress.core.config import Record, StepConfig
 from dscompress.core.errors import DscompressError, DscompressWarning

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from dscompress.artifact.format import Source, resolve
+from dscompress.artifact.source import Source, resolve
 from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, write_json
 from dscompress.deploy.bench import BenchResults

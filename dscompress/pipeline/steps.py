@@ -2,7 +2,7 @@
 that measure have a handler here. Importing this module registers them all, so the CLI, recipes
 and the Python API take :func:`run_step` from here.
 
-A handler takes the :class:`~dscompress.artifact.format.Source` to measure, the config and a
+A handler takes the :class:`~dscompress.artifact.source.Source` to measure, the config and a
 :class:`StepContext`, records what it measured into the source's artifact (if it has one) and
 returns a :class:`StepOutput`.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from dscompress.artifact.format import WEIGHTS, Artifact, Source, resolve
+from dscompress.artifact.format import WEIGHTS, Artifact
+from dscompress.artifact.source import Source, resolve
 from dscompress.compress.calibrate import CalibrateConfig
 from dscompress.compress.convert import ConversionRecord, ConvertConfig
 from dscompress.compress.equalize import EqualizeConfig
