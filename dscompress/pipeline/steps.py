@@ -31,6 +31,7 @@ from dscompress.deploy.bench import (
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.ort import read_onnx
 from dscompress.deploy.profile import ProfileConfig, profile
+from dscompress.deploy.quantize import QuantizeConfig, quantize_onnx
 from dscompress.deploy.validate import ValidateConfig, validate_onnx
 from dscompress.pipeline.registry import STEPS, StepContext, StepOutput, StepSpec, register_step, run_step, spec_for, work_folder
 from dscompress.planning.plan import PlanConfig
@@ -96,6 +97,23 @@ def export_step(source: Source, config: ExportConfig, context: StepContext) -> S
     return StepOutput(record, artifact=artifact, failure=failure)
 
 
+def quantize_step(source: Source, config: QuantizeConfig, context: StepContext) -> StepOutput:
+    """Quantize MODEL to an INT8 ONNX graph with ONNX Runtime's quantizer and measure it against fp32.
+
+    Calibrates on the data's train split, measures top-1 of both graphs on its test split; a graph
+    that loses more than --max-drop points is kept as NAME.failed.onnx and the command fails.
+    """
+    metadata = {"dscompress.model": source.spec.name}
+    if source.artifact is not None:
+        metadata["dscompress.artifact_manifest_sha256"] = source.artifact.manifest_sha256()
+        metadata["dscompress.artifact_weights_sha256"] = sha256_file(os.path.join(source.artifact.path, WEIGHTS))
+    record = quantize_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=metadata,
+                           task=source.spec.task, model_name=source.label, progress=context.progress)
+    if source.artifact is not None:
+        source.artifact.update_metrics(int8=record.summary())
+    return StepOutput(record, artifact=source.artifact, failure=record.failure() or None)
+
+
 def validate_step(source: Source, config: ValidateConfig, context: StepContext) -> StepOutput:
     """Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider."""
     proto = read_onnx(context.onnx)
@@ -146,6 +164,7 @@ def profile_step(source: Source, config: ProfileConfig, context: StepContext) ->
 
 register_step(EvaluateConfig, evaluate_step)
 register_step(ExportConfig, export_step, output="file")
+register_step(QuantizeConfig, quantize_step, output="file")
 register_step(ValidateConfig, validate_step, inputs="onnx")
 register_step(BenchConfig, bench_step, inputs="models")
 register_step(ProfileConfig, profile_step)

@@ -1,0 +1,127 @@
+"""INT8 quantization with ONNX Runtime's quantizer: what is quantized, which kernels run it, and
+the accuracy check that keeps a bad graph away from OUT."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import error_line
+from onnx import TensorProto, numpy_helper
+from PIL import Image
+from torch import nn
+
+from dscompress.artifact.format import Artifact
+from dscompress.cli.main import cli
+from dscompress.deploy.export import ExportConfig, export_onnx
+from dscompress.deploy.quantize import INT8_CONV_KERNELS, QuantizeConfig, module_names, quantize_onnx
+
+SIZE = "3,16,16"
+TINY = ["conftest:TinyCNN", "--num-classes", "10", "--input-size", SIZE]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """TinyCNN trained on digits at 3x16x16 for 3 epochs (about 90% top-1), as an artifact."""
+    out = tmp_path_factory.mktemp("quantize") / "base"
+    result = invoke("finetune", *TINY, "--data", "digits", "--teacher", "none", "--epochs", "3", "-o", out)
+    assert result.exit_code == 0, result.output
+    return str(out)
+
+
+def weighted_modules(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def test_ort_cpu_int8_is_within_max_drop_and_runs_every_conv_in_int8(base, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = invoke("quantize", base, "--data", "digits", "--runtime", "ort-cpu", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["passed"] and record["drop"] <= 1.0 and record["agreement"] > 90
+    assert out.exists() and not (tmp_path / "int8.failed.onnx").exists()
+    model = Artifact.open(base).model()
+    assert {n["module"] for n in record["nodes"] if n["quantized"]} == weighted_modules(model)
+    convs = [n for n in record["nodes"] if n["op"] == "Conv"]
+    assert convs and all(n["kernel"].split(".")[-1] in INT8_CONV_KERNELS for n in convs), convs
+    assert record["kernels"].get("QLinearConv") == len(convs)
+    assert record["int8_bytes"] < 0.5 * record["fp32_bytes"]
+    assert Artifact.open(base).metrics["int8"]["int8_top1"] == record["int8_top1"]
+
+
+def test_ort_trt_graph_is_symmetric_qdq_with_zero_point_0(base, tmp_path):
+    artifact = Artifact.open(base)
+    path = str(tmp_path / "trt.onnx")
+    record = quantize_onnx(artifact.model(), artifact.spec.input_size, path,
+                           QuantizeConfig(data="digits", runtime="ort-trt", calibrate_images=32, test_images=64, max_drop=100))
+    graph = onnx.load(path).graph
+    initializers = {t.name: t for t in graph.initializer}
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers
+    for node in quantizers:
+        zero_point = initializers[node.input[2]]
+        assert zero_point.data_type == TensorProto.INT8 and not numpy_helper.to_array(zero_point).any(), node.name
+    weights = [t for name, t in initializers.items() if name.endswith("weight_quantized")]
+    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    assert all(n.quantized for n in record.nodes) and not record.kernels and not record.reduce_range
+
+
+def test_exclude_leaves_the_matching_modules_in_float(base, tmp_path):
+    artifact = Artifact.open(base)
+    config = QuantizeConfig(data="digits", exclude=["features.0", "head.*"], calibrate_images=32, test_images=64, max_drop=100)
+    record = quantize_onnx(artifact.model(), artifact.spec.input_size, str(tmp_path / "x.onnx"), config)
+    left = {n.module: n.reason for n in record.nodes if not n.quantized}
+    assert left == {"features.0.0": "excluded by pattern", "head.2": "excluded by pattern"}
+    assert {n.module for n in record.nodes if n.quantized} == {f"features.{i}.0" for i in range(1, 5)}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_graph_nodes_are_named_after_their_modules(exporter, tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    path = str(tmp_path / "r18.onnx")
+    export_onnx(model, (3, 16, 16), path, ExportConfig(exporter=exporter, validate=False))
+    names = module_names(onnx.load(path).graph)
+    assert set(names.values()) == weighted_modules(model)  # BatchNorms folded into their convs keep the conv's name
+
+
+def test_calibration_on_black_images_fails_and_leaves_nothing_at_out(base, tmp_path):
+    """A genuinely broken calibration: the train split is black images, so the activation ranges
+    are those of the biases alone and real test images saturate them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        for split in ("train", "test"):
+            (tmp_path / "data" / split / str(label)).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / "train" / str(label) / "black.png")
+        for i in np.flatnonzero(digits.target == label)[:20]:
+            Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(tmp_path / "data" / "test" / str(label) / f"{i}.png")
+    out = tmp_path / "int8.onnx"
+    result = invoke("quantize", base, "--data", f"imagefolder:{tmp_path / 'data'}", "-o", out)
+    line = error_line(result, 1)
+    assert "int8.failed.onnx" in line
+    assert not out.exists() and (tmp_path / "int8.failed.onnx").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no staging file left behind
+
+
+@pytest.mark.parametrize("args, key", [
+    ([*TINY, "-o", "{out}"], "--data"),
+    ([*TINY, "--data", "digits", "--runtime", "ort-gpu", "-o", "{out}"], "ort-gpu"),
+    (["conftest:TinyCNN", "--num-classes", "5", "--input-size", SIZE, "--data", "digits", "-o", "{out}"], "10 classes"),
+    ([*TINY, "--data", "digits"], "-o"),
+    ([*TINY, "--data", "digits", "--exclude", "layer9.*", "-o", "{out}"], "layer9.*"),
+    ([*TINY, "--data", "digits", "--calibrate-method", "mse", "-o", "{out}"], "mse"),
+], ids=["no-data", "unknown-runtime", "wrong-classes", "no-output", "exclude-matches-nothing", "unknown-method"])
+def test_bad_input_is_one_line(args, key, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = invoke("quantize", *[a.format(out=out) for a in args])
+    assert key in error_line(result, 2)
+    assert not out.exists()
