@@ -16,7 +16,7 @@ from torch import nn
 from dscompress.artifact.format import Artifact
 from dscompress.cli.main import cli
 from dscompress.deploy.export import ExportConfig, export_onnx
-from dscompress.deploy.quantize import INT8_CONV_KERNELS, QuantizeConfig, module_names, quantize_onnx
+from dscompress.deploy.quantize import INT8_CONV_KERNELS, QuantizeConfig, cpu_has_vnni, module_names, quantize_onnx, reduces_range
 
 SIZE = "3,16,16"
 TINY = ["conftest:TinyCNN", "--num-classes", "10", "--input-size", SIZE]
@@ -79,6 +79,12 @@ def test_exclude_leaves_the_matching_modules_in_float(base, tmp_path):
     left = {n.module: n.reason for n in record.nodes if not n.quantized}
     assert left == {"features.0.0": "excluded by pattern", "head.2": "excluded by pattern"}
     assert {n.module for n in record.nodes if n.quantized} == {f"features.{i}.0" for i in range(1, 5)}
+
+
+def test_weights_get_7_bits_only_for_ort_cpu_without_vnni():
+    assert reduces_range(QuantizeConfig()) is not cpu_has_vnni()
+    assert reduces_range(QuantizeConfig(reduce_range="yes")) and not reduces_range(QuantizeConfig(reduce_range="no"))
+    assert not reduces_range(QuantizeConfig(runtime="ort-trt", reduce_range="yes"))
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
