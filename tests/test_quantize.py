@@ -125,9 +125,24 @@ def test_calibration_on_black_images_fails_and_leaves_nothing_at_out(base, tmp_p
     ([*TINY, "--data", "digits"], "-o"),
     ([*TINY, "--data", "digits", "--exclude", "layer9.*", "-o", "{out}"], "layer9.*"),
     ([*TINY, "--data", "digits", "--calibrate-method", "mse", "-o", "{out}"], "mse"),
-], ids=["no-data", "unknown-runtime", "wrong-classes", "no-output", "exclude-matches-nothing", "unknown-method"])
+    (["conftest:tiny_seg", "--task", "segmentation", "--input-size", SIZE, "--data", "digits-seg", "-o", "{out}"], "segmentation"),
+], ids=["no-data", "unknown-runtime", "wrong-classes", "no-output", "exclude-matches-nothing", "unknown-method", "segmentation"])
 def test_bad_input_is_one_line(args, key, tmp_path):
     out = tmp_path / "int8.onnx"
     result = invoke("quantize", *[a.format(out=out) for a in args])
     assert key in error_line(result, 2)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_recipe_quantizes_its_model_and_records_it(tmp_path):
+    from dscompress.pipeline import recipe
+    from dscompress.pipeline.run import run
+
+    text = ("model: {name: 'conftest:TinyCNN', num_classes: 10, input_size: [3, 16, 16]}\ndata: digits\nsteps:\n"
+            "  - finetune: {name: baseline, teacher: none, epochs: 3}\n  - quantize: {name: int8, calibrate_images: 64}\n")
+    (tmp_path / "r.yaml").write_text(text)
+    result = run(recipe.load(str(tmp_path / "r.yaml")), str(tmp_path / "run"))
+    assert [s.status for s in result.steps] == ["done", "done"]
+    assert (tmp_path / "run" / "int8" / "model.onnx").exists()
+    assert Artifact.open(str(tmp_path / "run" / "baseline")).metrics["int8"]["passed"]

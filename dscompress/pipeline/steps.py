@@ -77,18 +77,24 @@ def evaluate_step(source: Source, config: EvaluateConfig, context: StepContext) 
     return StepOutput(record, artifact=source.artifact)
 
 
+def _provenance(source: Source) -> dict:
+    """The metadata an exported graph carries of its source: the model name and, for an artifact,
+    the sha256 of its manifest as it was before this step (recording the step then changes the
+    manifest) and of its weights file."""
+    metadata = {"dscompress.model": source.spec.name}
+    if source.artifact is not None:
+        metadata["dscompress.artifact_manifest_sha256"] = source.artifact.manifest_sha256()
+        metadata["dscompress.artifact_weights_sha256"] = sha256_file(os.path.join(source.artifact.path, WEIGHTS))
+    return metadata
+
+
 def export_step(source: Source, config: ExportConfig, context: StepContext) -> StepOutput:
     """Export MODEL to ONNX and validate it on ONNX Runtime.
 
-    The graph's metadata names the artifact by the sha256 of its manifest as it was before this
-    export (recording the export then changes the manifest) and of its weights file.
+    The graph's metadata names the artifact it came from (:func:`_provenance`).
     """
-    metadata = {"dscompress.model": source.spec.name}
     artifact = source.artifact
-    if artifact is not None:
-        metadata["dscompress.artifact_manifest_sha256"] = artifact.manifest_sha256()
-        metadata["dscompress.artifact_weights_sha256"] = sha256_file(os.path.join(artifact.path, WEIGHTS))
-    record = export_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=metadata)
+    record = export_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=_provenance(source))
     if artifact is not None:
         artifact.update_metrics(onnx=record.summary())
     failure = None
@@ -103,11 +109,7 @@ def quantize_step(source: Source, config: QuantizeConfig, context: StepContext) 
     Calibrates on the data's train split, measures top-1 of both graphs on its test split; a graph
     that loses more than --max-drop points is kept as NAME.failed.onnx and the command fails.
     """
-    metadata = {"dscompress.model": source.spec.name}
-    if source.artifact is not None:
-        metadata["dscompress.artifact_manifest_sha256"] = source.artifact.manifest_sha256()
-        metadata["dscompress.artifact_weights_sha256"] = sha256_file(os.path.join(source.artifact.path, WEIGHTS))
-    record = quantize_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=metadata,
+    record = quantize_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=_provenance(source),
                            task=source.spec.task, model_name=source.label, progress=context.progress)
     if source.artifact is not None:
         source.artifact.update_metrics(int8=record.summary())
