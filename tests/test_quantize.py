@@ -69,6 +69,10 @@ def test_ort_trt_graph_is_symmetric_qdq_with_zero_point_0(base, tmp_path):
         assert zero_point.data_type == TensorProto.INT8 and not numpy_helper.to_array(zero_point).any(), node.name
     weights = [t for name, t in initializers.items() if name.endswith("weight_quantized")]
     assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    dequantized = [initializers[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+    assert dequantized and all(t.data_type == TensorProto.INT8 for t in dequantized)  # no int32 bias: TensorRT refuses it
+    biases = [initializers[n.input[2]] for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+    assert biases and all(t.data_type == TensorProto.FLOAT for t in biases)
     assert all(n.quantized for n in record.nodes) and not record.kernels and not record.reduce_range
 
 

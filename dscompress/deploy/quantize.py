@@ -15,7 +15,8 @@ The two runtimes want different INT8 forms:
   (``optimized_model_filepath``) is read back to check that each quantized conv became an int8
   kernel (``QLinearConv``), since a Q/DQ pair that the runtime does not fuse runs in float.
 - ``ort-trt``: symmetric signed 8-bit activations and weights (zero point 0), the only form
-  TensorRT's explicit quantization takes. Checked here by graph structure only (no GPU).
+  TensorRT's explicit quantization takes, and float biases (its DequantizeLinear takes no int32).
+  Checked here by graph structure only (no GPU).
 
 Graph nodes are named after the modules they came from by their weight initializer
 (``layer1.0.conv1.weight``, which both exporters keep when they fold a BatchNorm), so
@@ -274,7 +275,9 @@ def _quantize_static(source: str, target: str, reader, config: QuantizeConfig, e
             weight_type=QuantType.QInt8,
             calibrate_method=method[config.calibrate_method],
             nodes_to_exclude=exclude,
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+            # TensorRT's DequantizeLinear takes only 8-bit inputs, not ONNX Runtime's int32 biases
+            # (onnx/onnx-tensorrt#850, microsoft/onnxruntime#17738): they stay float, TensorRT fuses them.
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric},
         )
 
 
