@@ -15,6 +15,7 @@ from torch import nn
 
 from dscompress.artifact.format import Artifact
 from dscompress.cli.main import cli
+from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.quantize import INT8_CONV_KERNELS, QuantizeConfig, cpu_has_vnni, module_names, quantize_onnx, reduces_range
 
@@ -83,6 +84,20 @@ def test_exclude_leaves_the_matching_modules_in_float(base, tmp_path):
     left = {n.module: n.reason for n in record.nodes if not n.quantized}
     assert left == {"features.0.0": "excluded by pattern", "head.2": "excluded by pattern"}
     assert {n.module for n in record.nodes if n.quantized} == {f"features.{i}.0" for i in range(1, 5)}
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_depthwise_separable_layers_are_named_and_run_in_int8(base, rank, tmp_path):
+    """What convert makes (rank 2: the split deploy form) quantizes layer by layer, each conv a QLinearConv."""
+    artifact = Artifact.open(base)
+    converted, _ = convert(artifact.model(), artifact.spec.input_size, ConvertConfig(rank=rank))
+    config = QuantizeConfig(data="digits", calibrate_images=32, test_images=64, max_drop=100)
+    record = quantize_onnx(converted, artifact.spec.input_size, str(tmp_path / "ds.onnx"), config)
+    convs = [n for n in record.nodes if n.op == "Conv"]
+    parts = {part for n in convs if n.module != "features.0.0" for part in n.module.split(".")}
+    assert {"depthwise", "pointwise"} <= parts, [n.module for n in convs]
+    assert all(n.quantized and n.kernel.split(".")[-1] in INT8_CONV_KERNELS for n in convs), convs
+    assert not record.notes
 
 
 def test_weights_get_7_bits_only_for_ort_cpu_without_vnni():
