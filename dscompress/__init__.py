@@ -39,6 +39,8 @@ _API = {
     # deployment and measurement
     "ExportConfig": "dscompress.deploy.export",
     "export_onnx": "dscompress.deploy.export",
+    "QuantizeConfig": "dscompress.deploy.quantize",
+    "quantize_onnx": "dscompress.deploy.quantize",
     "ValidateConfig": "dscompress.deploy.validate",
     "validate_onnx": "dscompress.deploy.validate",
     "EvaluateConfig": "dscompress.train.evaluate",

@@ -45,7 +45,7 @@ def test_a_step_can_start_from_an_earlier_model():
         (GOOD.replace("macs-budget: 0.25", "rnak: 1"), ["good.yaml:6: steps[1].convert.rnak:"]),
         (GOOD.replace("epochs: 1", "epochs: five"), ["good.yaml:5: steps[0].finetune.epochs:", "'five'"]),
         (GOOD.replace("model: {name: resnet18, ", "model: {"), ["good.yaml:2: model:", "'name'"]),
-        (GOOD.replace("- export: {}", "- quantize: {}"), ["good.yaml:7: steps[2].quantize:"]),
+        (GOOD.replace("- export: {}", "- sparsify: {}"), ["good.yaml:7: steps[2].sparsify:"]),
         (GOOD.replace("data: digits", "datta: digits"), ["good.yaml:3: datta:"]),
         (GOOD.replace("macs-budget: 0.25", "macs-budget: 1.5"), ["good.yaml:6: steps[1].convert.macs-budget:", "1.5"]),
         (GOOD.replace("  - convert: {macs-budget: 0.25}\n", "  - convert: {rank: 1}\n  - validate: {}\n").replace("  - export: {}\n", ""), ["good.yaml:7: steps[2].validate:", "export"]),

@@ -29,6 +29,7 @@ COMMANDS = {
     "equalize": "Equalize each depthwise-separable layer's halves for INT8 (cross-layer equalization), leaving its fp32 function as it was. Saves an artifact.",
     "evaluate": "Accuracy of MODEL on the test split: top-1/top-5, or mIoU and pixel accuracy (an artifact records it).",
     "export": "Export MODEL to ONNX and validate it on ONNX Runtime.",
+    "quantize": "Quantize MODEL to an INT8 ONNX graph with ONNX Runtime's quantizer and measure it against fp32.",
     "validate": "Compare an ONNX file with the PyTorch model it came from, on each ONNX Runtime provider.",
     "bench": "Latency and throughput of models side by side, on PyTorch and ONNX Runtime.",
     "plan": "Choose per layer dense / depthwise-separable / pruned for a target speed-up on a runtime, and build it. Saves an artifact.",

@@ -27,6 +27,7 @@ from dscompress.core.util import human
 from dscompress.deploy.bench import BenchResults
 from dscompress.deploy.export import ExportRecord
 from dscompress.deploy.profile import ProfileRecord
+from dscompress.deploy.quantize import QuantizeRecord
 from dscompress.deploy.validate import ValidationRecord
 from dscompress.planning.plan import PlanRecord
 from dscompress.train.evaluate import EvalRecord
@@ -277,6 +278,25 @@ def _export(record: ExportRecord) -> list:
         title = f"{'before onnxslim: ' if label == 'unsimplified' else ''}ONNX Runtime vs PyTorch: {validation.status}"
         out += _validation(validation, title=title)
     return out
+
+
+@renders(QuantizeRecord)
+def _quantize(record: QuantizeRecord) -> list:
+    shown = table(f"INT8 for {record.runtime}: {len(record.quantized)} of {len(record.nodes)} weighted layers quantized",
+                  ["layer", "op", "int8", "kernel", "why float"], left=("layer", "op", "int8", "kernel", "why float"))
+    for row in record.nodes:
+        shown.add_row(row.module, row.op, "yes" if row.quantized else "no", row.kernel or "-", row.reason)
+    verdict = "within" if record.passed else "over"
+    lines = [
+        f"{record.data} ({record.test_images} test images, ONNX Runtime CPU): top-1 fp32 {record.fp32_top1:.2f}%  int8 {record.int8_top1:.2f}%  "
+        f"drop {record.drop:.2f} points ({verdict} --max-drop {record.max_drop:g})  agreement {record.agreement:.2f}%",
+        f"calibrated on {record.calibrate_images} train images ({record.calibrate_method}"
+        f"{', 7-bit weights for a CPU without VNNI' if record.reduce_range else ''}); fp32 {record.fp32_bytes / 1e6:.2f} MB -> "
+        f"int8 {record.int8_bytes / 1e6:.2f} MB ({ratio(record.int8_bytes, record.fp32_bytes)}) in {record.seconds:.1f}s",
+        f"wrote {record.path}" + ("" if record.passed else f" (not at {record.requested_path})"),
+    ]
+    lines += [f"note: {note}" for note in record.notes]
+    return [shown, *lines]
 
 
 @renders(BenchResults)

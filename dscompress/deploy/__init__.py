@@ -1,2 +1,2 @@
-"""Deployment: ONNX export and its passes, ONNX Runtime sessions, validation against PyTorch,
-interleaved benchmarks, per-layer profiles."""
+"""Deployment: ONNX export and its passes, INT8 quantization, ONNX Runtime sessions, validation
+against PyTorch, interleaved benchmarks, per-layer profiles."""

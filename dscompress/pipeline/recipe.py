@@ -36,7 +36,7 @@ from dscompress.pipeline.steps import STEPS
 DEFAULTS = ("data", "device")
 TOP_KEYS = {"name", "description", "model", "data", "steps"}
 # Steps that cannot run without images (their config's data has no default).
-NEEDS_DATA = ("calibrate", "evaluate", "plan")
+NEEDS_DATA = ("calibrate", "evaluate", "plan", "quantize")
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelSpec)]
 
 

@@ -25,6 +25,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, write_json
 from dscompress.deploy.bench import BenchResults
 from dscompress.deploy.export import ExportRecord
+from dscompress.deploy.quantize import QuantizeRecord
 from dscompress.deploy.validate import ValidationRecord
 from dscompress.pipeline.recipe import Recipe, Step
 from dscompress.pipeline.runstate import chain_key, finished, read_state, write_state
@@ -157,6 +158,8 @@ def _summary(record) -> dict:
         return {"path": record.path, "validation": record.validation_status}
     if isinstance(record, ValidationRecord):
         return {"validation": record.status}
+    if isinstance(record, QuantizeRecord):
+        return {"path": record.path, "fp32_top1": record.fp32_top1, "int8_top1": record.int8_top1}
     if isinstance(record, EvalRecord):
         return {"miou": record.miou, "pixel_acc": record.pixel_acc} if record.task == "segmentation" else {"top1": record.top1, "top5": record.top5}
     if isinstance(record, BenchResults):
@@ -173,3 +176,5 @@ def _check(step: Step, record, output: str) -> None:
         )
     if isinstance(record, ValidationRecord) and record.status == "fail":
         raise DscompressError(f"step {step.name}: the ONNX model does not match PyTorch: {record.failure()}")
+    if isinstance(record, QuantizeRecord) and not record.passed:
+        raise DscompressError(f"step {step.name}: {record.failure()}")

@@ -1,0 +1,167 @@
+"""INT8 quantization with ONNX Runtime's quantizer: what is quantized, which kernels run it, and
+the accuracy check that keeps a bad graph away from OUT."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import error_line
+from onnx import TensorProto, numpy_helper
+from PIL import Image
+from torch import nn
+
+from dscompress.artifact.format import Artifact
+from dscompress.cli.main import cli
+from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.deploy.export import ExportConfig, export_onnx
+from dscompress.deploy.quantize import INT8_CONV_KERNELS, QuantizeConfig, cpu_has_vnni, module_names, quantize_onnx, reduces_range
+
+SIZE = "3,16,16"
+TINY = ["conftest:TinyCNN", "--num-classes", "10", "--input-size", SIZE]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """TinyCNN trained on digits at 3x16x16 for 3 epochs (about 90% top-1), as an artifact."""
+    out = tmp_path_factory.mktemp("quantize") / "base"
+    result = invoke("finetune", *TINY, "--data", "digits", "--teacher", "none", "--epochs", "3", "-o", out)
+    assert result.exit_code == 0, result.output
+    return str(out)
+
+
+def weighted_modules(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def test_ort_cpu_int8_is_within_max_drop_and_runs_every_conv_in_int8(base, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = invoke("quantize", base, "--data", "digits", "--runtime", "ort-cpu", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["passed"] and record["drop"] <= 1.0 and record["agreement"] > 90
+    assert out.exists() and not (tmp_path / "int8.failed.onnx").exists()
+    model = Artifact.open(base).model()
+    assert {n["module"] for n in record["nodes"] if n["quantized"]} == weighted_modules(model)
+    convs = [n for n in record["nodes"] if n["op"] == "Conv"]
+    assert convs and all(n["kernel"].split(".")[-1] in INT8_CONV_KERNELS for n in convs), convs
+    assert record["kernels"].get("QLinearConv") == len(convs)
+    assert record["int8_bytes"] < 0.5 * record["fp32_bytes"]
+    assert Artifact.open(base).metrics["int8"]["int8_top1"] == record["int8_top1"]
+
+
+def test_ort_trt_graph_is_symmetric_qdq_with_zero_point_0(base, tmp_path):
+    artifact = Artifact.open(base)
+    path = str(tmp_path / "trt.onnx")
+    record = quantize_onnx(artifact.model(), artifact.spec.input_size, path,
+                           QuantizeConfig(data="digits", runtime="ort-trt", calibrate_images=32, test_images=64, max_drop=100))
+    graph = onnx.load(path).graph
+    initializers = {t.name: t for t in graph.initializer}
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers
+    for node in quantizers:
+        zero_point = initializers[node.input[2]]
+        assert zero_point.data_type == TensorProto.INT8 and not numpy_helper.to_array(zero_point).any(), node.name
+    weights = [t for name, t in initializers.items() if name.endswith("weight_quantized")]
+    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    dequantized = [initializers[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+    assert dequantized and all(t.data_type == TensorProto.INT8 for t in dequantized)  # no int32 bias: TensorRT refuses it
+    biases = [initializers[n.input[2]] for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+    assert biases and all(t.data_type == TensorProto.FLOAT for t in biases)
+    assert all(n.quantized for n in record.nodes) and not record.kernels and not record.reduce_range
+
+
+def test_exclude_leaves_the_matching_modules_in_float(base, tmp_path):
+    artifact = Artifact.open(base)
+    config = QuantizeConfig(data="digits", exclude=["features.0", "head.*"], calibrate_images=32, test_images=64, max_drop=100)
+    record = quantize_onnx(artifact.model(), artifact.spec.input_size, str(tmp_path / "x.onnx"), config)
+    left = {n.module: n.reason for n in record.nodes if not n.quantized}
+    assert left == {"features.0.0": "excluded by pattern", "head.2": "excluded by pattern"}
+    assert {n.module for n in record.nodes if n.quantized} == {f"features.{i}.0" for i in range(1, 5)}
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_depthwise_separable_layers_are_named_and_run_in_int8(base, rank, tmp_path):
+    """What convert makes (rank 2: the split deploy form) quantizes layer by layer, each conv a QLinearConv."""
+    artifact = Artifact.open(base)
+    converted, _ = convert(artifact.model(), artifact.spec.input_size, ConvertConfig(rank=rank))
+    config = QuantizeConfig(data="digits", calibrate_images=32, test_images=64, max_drop=100)
+    record = quantize_onnx(converted, artifact.spec.input_size, str(tmp_path / "ds.onnx"), config)
+    convs = [n for n in record.nodes if n.op == "Conv"]
+    parts = {part for n in convs if n.module != "features.0.0" for part in n.module.split(".")}
+    assert {"depthwise", "pointwise"} <= parts, [n.module for n in convs]
+    assert all(n.quantized and n.kernel.split(".")[-1] in INT8_CONV_KERNELS for n in convs), convs
+    assert not record.notes
+
+
+def test_weights_get_7_bits_only_for_ort_cpu_without_vnni():
+    assert reduces_range(QuantizeConfig()) is not cpu_has_vnni()
+    assert reduces_range(QuantizeConfig(reduce_range="yes")) and not reduces_range(QuantizeConfig(reduce_range="no"))
+    assert not reduces_range(QuantizeConfig(runtime="ort-trt", reduce_range="yes"))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_graph_nodes_are_named_after_their_modules(exporter, tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    path = str(tmp_path / "r18.onnx")
+    export_onnx(model, (3, 16, 16), path, ExportConfig(exporter=exporter, validate=False))
+    names = module_names(onnx.load(path).graph)
+    assert set(names.values()) == weighted_modules(model)  # BatchNorms folded into their convs keep the conv's name
+
+
+def test_calibration_on_black_images_fails_and_leaves_nothing_at_out(base, tmp_path):
+    """A genuinely broken calibration: the train split is black images, so the activation ranges
+    are those of the biases alone and real test images saturate them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        for split in ("train", "test"):
+            (tmp_path / "data" / split / str(label)).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / "train" / str(label) / "black.png")
+        for i in np.flatnonzero(digits.target == label)[:20]:
+            Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(tmp_path / "data" / "test" / str(label) / f"{i}.png")
+    out = tmp_path / "int8.onnx"
+    result = invoke("quantize", base, "--data", f"imagefolder:{tmp_path / 'data'}", "-o", out)
+    line = error_line(result, 1)
+    assert "int8.failed.onnx" in line
+    assert not out.exists() and (tmp_path / "int8.failed.onnx").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no staging file left behind
+
+
+@pytest.mark.parametrize("args, key", [
+    ([*TINY, "-o", "{out}"], "--data"),
+    ([*TINY, "--data", "digits", "--runtime", "ort-gpu", "-o", "{out}"], "ort-gpu"),
+    (["conftest:TinyCNN", "--num-classes", "5", "--input-size", SIZE, "--data", "digits", "-o", "{out}"], "10 classes"),
+    ([*TINY, "--data", "digits"], "-o"),
+    ([*TINY, "--data", "digits", "--exclude", "layer9.*", "-o", "{out}"], "layer9.*"),
+    ([*TINY, "--data", "digits", "--calibrate-method", "mse", "-o", "{out}"], "mse"),
+    (["conftest:tiny_seg", "--task", "segmentation", "--input-size", SIZE, "--data", "digits-seg", "-o", "{out}"], "segmentation"),
+], ids=["no-data", "unknown-runtime", "wrong-classes", "no-output", "exclude-matches-nothing", "unknown-method", "segmentation"])
+def test_bad_input_is_one_line(args, key, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = invoke("quantize", *[a.format(out=out) for a in args])
+    assert key in error_line(result, 2)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_recipe_quantizes_its_model_and_records_it(tmp_path):
+    from dscompress.pipeline import recipe
+    from dscompress.pipeline.run import run
+
+    text = ("model: {name: 'conftest:TinyCNN', num_classes: 10, input_size: [3, 16, 16]}\ndata: digits\nsteps:\n"
+            "  - finetune: {name: baseline, teacher: none, epochs: 3}\n  - quantize: {name: int8, calibrate_images: 64}\n")
+    (tmp_path / "r.yaml").write_text(text)
+    result = run(recipe.load(str(tmp_path / "r.yaml")), str(tmp_path / "run"))
+    assert [s.status for s in result.steps] == ["done", "done"]
+    assert (tmp_path / "run" / "int8" / "model.onnx").exists()
+    assert Artifact.open(str(tmp_path / "run" / "baseline")).metrics["int8"]["passed"]
