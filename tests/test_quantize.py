@@ -18,6 +18,7 @@ from dscompress.cli.main import cli
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.quantize import INT8_CONV_KERNELS, QuantizeConfig, cpu_has_vnni, module_names, quantize_onnx, reduces_range
+from dscompress.nn.layers import DepthwiseSeparableConv2d
 
 SIZE = "3,16,16"
 TINY = ["conftest:TinyCNN", "--num-classes", "10", "--input-size", SIZE]
@@ -100,10 +101,33 @@ def test_depthwise_separable_layers_are_named_and_run_in_int8(base, rank, tmp_pa
     assert not record.notes
 
 
+def test_equalize_runs_first_and_keeps_the_fp32_graph(base, tmp_path):
+    """--equalize equalizes a converted artifact's layers before export: the fp32 graph scores as
+    without it (the same function), and the record says how many layers were equalized."""
+    converted = str(tmp_path / "r1")
+    assert invoke("convert", base, "--rank", "1", "-o", converted).exit_code == 0
+    records = {}
+    for flag in ("--no-equalize", "--equalize"):
+        result = invoke("quantize", converted, "--data", "digits", "--calibrate-images", "32", "--test-images", "64", "--max-drop", "100",
+                        flag, "-o", tmp_path / f"q{flag}.onnx", "--json")
+        assert result.exit_code == 0, result.output
+        records[flag] = json.loads(result.stdout)
+    layers = sum(isinstance(m, DepthwiseSeparableConv2d) for m in Artifact.open(converted).model().modules())
+    assert records["--equalize"]["equalized"] == layers > 0 and records["--no-equalize"]["equalized"] == 0
+    assert records["--equalize"]["fp32_top1"] == records["--no-equalize"]["fp32_top1"]
+
+
 def test_weights_get_7_bits_only_for_ort_cpu_without_vnni():
     assert reduces_range(QuantizeConfig()) is not cpu_has_vnni()
     assert reduces_range(QuantizeConfig(reduce_range="yes")) and not reduces_range(QuantizeConfig(reduce_range="no"))
     assert not reduces_range(QuantizeConfig(runtime="ort-trt", reduce_range="yes"))
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="reads Linux's /proc/cpuinfo to check py-cpuinfo's flags")
+def test_vnni_is_read_from_the_cpus_flags():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    assert cpu_has_vnni() == any(flag in flags for flag in ("avx512_vnni", "avx_vnni"))
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])

@@ -291,7 +291,8 @@ def _quantize(record: QuantizeRecord) -> list:
         f"{record.data} ({record.test_images} test images, ONNX Runtime CPU): top-1 fp32 {record.fp32_top1:.2f}%  int8 {record.int8_top1:.2f}%  "
         f"drop {record.drop:.2f} points ({verdict} --max-drop {record.max_drop:g})  agreement {record.agreement:.2f}%",
         f"calibrated on {record.calibrate_images} train images ({record.calibrate_method}"
-        f"{', 7-bit weights for a CPU without VNNI' if record.reduce_range else ''}); fp32 {record.fp32_bytes / 1e6:.2f} MB -> "
+        f"{', 7-bit weights for a CPU without VNNI' if record.reduce_range else ''}"
+        f"{f', {record.equalized} layers equalized first' if record.equalized else ''}); fp32 {record.fp32_bytes / 1e6:.2f} MB -> "
         f"int8 {record.int8_bytes / 1e6:.2f} MB ({ratio(record.int8_bytes, record.fp32_bytes)}) in {record.seconds:.1f}s",
         f"wrote {record.path}" + ("" if record.passed else f" (not at {record.requested_path})"),
     ]

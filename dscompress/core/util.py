@@ -6,6 +6,7 @@ Nothing here knows about convolutions, artifacts or the command line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -15,12 +16,21 @@ import sys
 import tempfile
 import time
 
+import cpuinfo
 import filelock
 import psutil
 import torch
 from torch import nn
 
 from dscompress.core.errors import DscompressError
+
+
+@functools.cache
+def cpu_info() -> dict:
+    """This CPU's model (``brand_raw``) and instruction sets (``flags``), from py-cpuinfo (/proc/cpuinfo
+    on Linux, the registry or sysctl elsewhere); kept for the process, as it asks a subprocess and
+    takes about a second."""
+    return cpuinfo.get_cpu_info()
 
 
 def _umask() -> int:

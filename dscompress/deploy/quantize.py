@@ -40,7 +40,7 @@ from torch import nn
 from dscompress.core.config import Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError, first_line
 from dscompress.core.selection import check_pattern, matches_any, require_matches
-from dscompress.core.util import QUIET, Progress, atomic_path, captured_output, default_permissions
+from dscompress.core.util import QUIET, Progress, atomic_path, captured_output, cpu_info, default_permissions
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
 from dscompress.deploy.export import INPUT_NAME, ExportConfig, export_onnx, failed_path
 from dscompress.deploy.onnx_passes import stamp
@@ -73,6 +73,8 @@ class QuantizeConfig(StepConfig):
         "auto", "ort-cpu: 7-bit weights, which MLAS's u8s8 kernels need on CPUs without VNNI (AVX2's 16-bit sums saturate); "
         "auto: yes where this CPU lacks VNNI.")
     exclude: list[str] = option(factory=list, repeat=True, help="Leave modules matching this pattern in float (layer4.*, re:...).")
+    equalize: bool = option(False, "First equalize each depthwise-separable layer's halves on the calibration data (`dscompress equalize`: "
+                                   "the same fp32 function, its channels' ranges brought together).")
     max_drop: float = option(1.0, "Top-1 points the INT8 graph may lose against the fp32 graph; more is a failure.")
     test_images: int | None = option(None, "Test images measured [default: all].")
     opset: int = option(18, "ONNX opset of the exported graph.")
@@ -144,6 +146,7 @@ class QuantizeRecord(Record):
     exclude: list[str] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    equalized: int = 0
 
     @property
     def passed(self) -> bool:
@@ -242,13 +245,9 @@ def calibration_reader(dataset, images: int, seed: int):
 
 
 def cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI (AVX-512 VNNI or AVX-VNNI), read from /proc/cpuinfo; False where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    """Whether this CPU has VNNI (AVX-512 VNNI or AVX-VNNI); False where unknown."""
+    flags = set(cpu_info().get("flags") or [])
+    return bool(flags & {"avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni"})
 
 
 def reduces_range(config: QuantizeConfig) -> bool:

@@ -18,6 +18,7 @@ from dscompress.compress.convert import ConversionRecord, ConvertConfig
 from dscompress.compress.equalize import EqualizeConfig
 from dscompress.compress.prune import PruneConfig
 from dscompress.core.errors import DscompressError
+from dscompress.core.transform import apply
 from dscompress.core.util import sha256_file
 from dscompress.deploy.bench import (
     BenchConfig,
@@ -35,7 +36,17 @@ from dscompress.deploy.ort import read_onnx
 from dscompress.deploy.profile import ProfileConfig, profile
 from dscompress.deploy.quantize import QuantizeConfig, quantize_onnx
 from dscompress.deploy.validate import ValidateConfig, validate_onnx
-from dscompress.pipeline.registry import STEPS, StepContext, StepOutput, StepSpec, register_step, run_step, spec_for, work_folder
+from dscompress.pipeline.registry import (
+    STEPS,
+    StepContext,
+    StepOutput,
+    StepSpec,
+    register_step,
+    run_step,
+    spec_for,
+    transform_context,
+    work_folder,
+)
 from dscompress.planning.plan import PlanConfig
 from dscompress.train.evaluate import EvaluateConfig, evaluate
 from dscompress.train.finetune import FinetuneConfig
@@ -109,11 +120,16 @@ def export_step(source: Source, config: ExportConfig, context: StepContext) -> S
 def quantize_step(source: Source, config: QuantizeConfig, context: StepContext) -> StepOutput:
     """Quantize MODEL to an INT8 ONNX graph with ONNX Runtime's quantizer and measure it against fp32.
 
+    With --equalize the depthwise-separable layers are equalized first (:mod:`dscompress.compress.equalize`).
     Calibrates on the data's train split, measures top-1 of both graphs on its test split; a graph
     that loses more than --max-drop points is kept as NAME.failed.onnx and the command fails.
     """
-    record = quantize_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=_provenance(source),
+    model, equalized = source.model, None
+    if config.equalize:
+        model, equalized = apply(model, EqualizeConfig(data=config.data, seed=config.seed), transform_context(source, context))
+    record = quantize_onnx(model, source.spec.input_size, context.out, config, force=context.force, metadata=_provenance(source),
                            task=source.spec.task, model_name=source.label, progress=context.progress)
+    record.equalized = len(equalized.layers) if equalized else 0
     if source.artifact is not None:
         source.artifact.update_metrics(int8=record.summary())
     return StepOutput(record, artifact=source.artifact, failure=record.failure() or None)

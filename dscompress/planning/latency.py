@@ -26,7 +26,6 @@ at 3x64x64 then "reached" a 50x target).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -34,7 +33,6 @@ import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import cpuinfo
 import torch
 from torch import nn
 
@@ -42,7 +40,7 @@ from dscompress.compress.convert import convertible
 from dscompress.compress.units import Option, Unit, build, candidate_name, find_units, layout_of, pair_channels
 from dscompress.core.config import Record
 from dscompress.core.errors import DscompressError
-from dscompress.core.util import QUIET, JsonCache, Progress, eval_mode, torch_threads
+from dscompress.core.util import QUIET, JsonCache, Progress, cpu_info, eval_mode, torch_threads
 from dscompress.deploy.profile import RUNTIMES, ProfileConfig, profile, time_model
 from dscompress.nn.graph import ModelGraph
 
@@ -62,11 +60,9 @@ def device_name(runtime: str) -> str:
     return _cpu_name()
 
 
-@functools.cache
 def _cpu_name() -> str:
-    """The CPU's model (py-cpuinfo: /proc/cpuinfo's ``model name`` on Linux, the registry or sysctl
-    elsewhere); kept for the process, as py-cpuinfo asks a subprocess and takes about a second."""
-    return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor() or platform.machine()
+    """The CPU's model (/proc/cpuinfo's ``model name`` on Linux)."""
+    return cpu_info().get("brand_raw") or platform.processor() or platform.machine()
 
 
 def architecture(model: nn.Module) -> str:
