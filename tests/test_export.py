@@ -17,6 +17,7 @@ from dscompress.artifact.format import Artifact
 from dscompress.cli.main import cli
 from dscompress.cli.report import compare
 from dscompress.compress.convert import ConvertConfig, convert
+from dscompress.compress.prune import PruneConfig, prune
 from dscompress.core.errors import DscompressError
 from dscompress.deploy import export as exporting
 from dscompress.deploy.export import ExportConfig, ExportWarning, explicit_same_pads, export_onnx, same_pad_dilation_nodes
@@ -307,9 +308,8 @@ def test_strided_same_pad_is_left_flagged():
 
 
 def test_pruned_model_exports_and_validates(tmp_path):
-    prune = pytest.importorskip("dscompress.compress.prune")
     converted, _ = convert(large_kernel_net(), SIZE, ConvertConfig(rank=2, dilation="rf"))
-    pruned, record = prune.prune(converted, SIZE, prune.PruneConfig(ratio=0.5))
+    pruned, record = prune(converted, SIZE, PruneConfig(ratio=0.5))
     assert record.params_after < record.params_before
     exported = export_onnx(pruned, SIZE, str(tmp_path / "pruned.onnx"), ExportConfig())
     assert exported.exporter == "dynamo"

@@ -143,19 +143,21 @@ class CalibrationRecord(Record):
 
 def calibration_batches(data, input_size, batches: int = 16, batch_size: int = 32, seed: int = 0) -> list[torch.Tensor]:
     """Up to ``batches`` seeded, shuffled batches (batch_size, *input_size) from the train split."""
-    dataset = load_dataset(data, input_size, split="train")
+    return _draw(load_dataset(data, input_size, split="train"), batches, batch_size, seed)
+
+
+def _draw(dataset, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     loader = make_loader(dataset, batch_size, shuffle=True, seed=seed)
     return [images for images, _ in itertools.islice(loader, batches)]
 
 
-def calibration_images(model: nn.Module, config: CalibrateConfig, context: TransformContext) -> list[torch.Tensor]:
-    """The calibration batches for ``model``, after checking that the data fits it."""
-    if config.data is None:
-        raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
-    dataset = load_dataset(config.data, context.input_size, split="train")
+def fitting_batches(model: nn.Module, data: str, context: TransformContext, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """:func:`calibration_batches` of ``data`` for ``model`` (what calibrate, plan and equalize fit
+    on), after checking that the data fits the model: one clear line where it does not."""
+    dataset = load_dataset(data, context.input_size, split="train")
     outputs = output_classes(model, context.input_size, context.task, context.label)
-    check_classes(dataset, outputs, data_name=config.data, task=context.task, model_name=context.label)
-    return calibration_batches(config.data, context.input_size, config.batches, config.batch_size, config.seed)
+    check_classes(dataset, outputs, data_name=data, task=context.task, model_name=context.label)
+    return _draw(dataset, batches, batch_size, seed)
 
 
 def _images(batches, limit: int) -> list[torch.Tensor]:
@@ -540,6 +542,8 @@ def calibrate_transform(model: nn.Module, config: CalibrateConfig, context: Tran
             f"{context.label!r} has no original model to calibrate against (calibration fits a converted model back to "
             f"the model it came from); convert it first: dscompress convert {context.label} -o DIR --calibrate DATA"
         )
-    images = calibration_images(model, config, context)
+    if config.data is None:
+        raise DscompressError("calibration needs images: give a dataset with --data (e.g. --data digits)")
+    images = fitting_batches(model, config.data, context, config.batches, config.batch_size, config.seed)
     model, record = calibrate(model, context.original(), images, config, progress=context.progress, kept=context.kept)
     return model.cpu(), record

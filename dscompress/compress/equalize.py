@@ -23,13 +23,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dscompress.compress.calibrate import calibration_batches
+from dscompress.compress.calibrate import fitting_batches
 from dscompress.core.config import Record, StepConfig, check_range, option
 from dscompress.core.errors import DscompressError
 from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import eval_mode, model_device
-from dscompress.data.datasets import DataSpec, check_classes, load_dataset
-from dscompress.models.build import output_classes
+from dscompress.data.datasets import DataSpec
 from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 
 # Ranges below this are treated as this (a dead channel is left alone rather than blown up).
@@ -144,9 +143,6 @@ def equalize_transform(model: nn.Module, config: EqualizeConfig, context: Transf
     """Equalize each depthwise-separable layer's halves for INT8 (cross-layer equalization), leaving its fp32 function as it was."""
     images = None
     if config.data is not None:
-        dataset = load_dataset(config.data, context.input_size, split="train")
-        check_classes(dataset, output_classes(model, context.input_size, context.task, context.label), data_name=config.data,
-                      task=context.task, model_name=context.label)
-        images = calibration_batches(config.data, context.input_size, config.batches, config.batch_size, config.seed)
+        images = fitting_batches(model, config.data, context, config.batches, config.batch_size, config.seed)
     return equalize(model, config, images)
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dscompress.compress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, calibration_batches, refit_layer
+from dscompress.compress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, fitting_batches, refit_layer
 from dscompress.compress.convert import convertible
 from dscompress.compress.units import (
     Option,
@@ -69,9 +69,8 @@ from dscompress.core.config import ConfigError, Record, StepConfig, check_range,
 from dscompress.core.errors import DscompressError
 from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, JsonCache, Progress
-from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
+from dscompress.data.datasets import DataSpec, load_dataset, make_loader
 from dscompress.deploy.profile import Runtime
-from dscompress.models.build import output_classes
 from dscompress.nn.graph import ModelGraph
 from dscompress.nn.metrics import conv_macs, count_macs
 from dscompress.planning.latency import Timer, default_cache, latency_table
@@ -643,11 +642,8 @@ def plan_transform(model: nn.Module, config: PlanConfig, context: TransformConte
     if config.data is None:
         raise DscompressError("plan needs images to calibrate and to measure damage: give --data SPEC (e.g. --data digits)")
     size = context.input_size
-    train = load_dataset(config.data, size, split="train")
-    outputs = output_classes(model, size, context.task, context.label)
-    check_classes(train, outputs, data_name=config.data, task=context.task, model_name=context.label)
     count = config.batches + math.ceil(config.held_out / config.batch_size)
-    batches = calibration_batches(config.data, size, count, config.batch_size, config.seed)
+    batches = fitting_batches(model, config.data, context, count, config.batch_size, config.seed)
     test = load_dataset(config.data, size, split="test") if context.task == "classification" else None
     model, record = plan(model, size, config, batches, make_loader(test, 256) if test is not None else None, progress=context.progress)
     record.test_images = len(test) if test is not None else None
