@@ -20,9 +20,14 @@ from dscompress.compress.calibrate import (
     calibrate,
     calibration_batches,
     converted_layers,
+    form_grams,
     measure,
+    patch_grams,
     reestimate_bn,
     refit,
+    refit_from,
+    refit_layer,
+    solve_refit,
 )
 from dscompress.compress.convert import ConvertConfig, convert
 from dscompress.core.errors import DscompressError
@@ -332,3 +337,56 @@ def test_cli_prune_with_calibrate_and_kept_channels_compose(tmp_path):
              {"step": "convert", "record": {}},
              {"step": "prune", "record": {"layers": [{"name": "a", "kept_out": [1, 3]}, {"name": "b", "kept_out": None}]}}]
     assert TransformContext((3, 8, 8), steps=steps).kept == {"a": [2, 5]}
+
+
+@pytest.mark.parametrize("rank", [None, 1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("inputs", [None, [0, 2, 3, 5]])
+def test_refit_from_patch_grams_is_the_refit_from_data(rank, bias, inputs):
+    """form_grams turns the original conv's patch Gram matrices into any pruned or
+    depthwise-separable form's: the refit from them equals the refit from the layer's inputs."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, bias=bias).eval()
+    xs = [torch.randn(4, 6, 9, 9) for _ in range(2)]
+    ys = [torch.relu(conv(x)).detach() + 0.1 * torch.randn(4, 8, 9, 9) for x in xs]  # a target the form cannot match exactly
+    outputs = [1, 2, 6]
+    base = conv
+    if inputs is not None:
+        base = nn.Conv2d(len(inputs), 8, 3, padding=1, bias=bias)
+        base.weight.data = conv.weight.data[:, inputs].clone()
+        if bias:
+            base.bias.data = conv.bias.data.clone()
+    form = DepthwiseSeparableConv2d.from_conv(base, rank) if rank else base
+    if outputs:
+        form = copy.deepcopy(form)
+        solved = form.pointwise if rank else form
+        solved.weight.data = solved.weight.data[outputs].clone()
+        solved.out_channels = len(outputs)
+        if bias:
+            solved.bias.data = solved.bias.data[outputs].clone()
+    from_data, from_grams = copy.deepcopy(form), copy.deepcopy(form)
+    pick = (lambda x: x) if inputs is None else (lambda x: x[:, inputs])
+    refit_from(from_data, [(pick(x), y) for x, y in zip(xs, ys)], out_channels=outputs)
+    gram, cross = (sum(parts) for parts in zip(*[patch_grams(conv, x, y) for x, y in zip(xs, ys)]))
+    solve_refit(from_grams, *form_grams(from_grams, gram, cross, inputs, outputs))
+    for a, b in zip(from_data.parameters(), from_grams.parameters()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert any(not torch.allclose(a, b) for a, b in zip(from_data.parameters(), form.parameters()))  # it did refit
+
+
+def test_refit_carries_activations_layer_to_layer_as_the_plain_refit_does():
+    """refit runs the model and its original once, carried from layer to layer: the weights are
+    those of refitting each layer with its own forward passes (refit_layer), in forward order."""
+    import torchvision
+
+    original = torchvision.models.resnet18(num_classes=10).eval()
+    converted, _ = convert(original, (3, 32, 32), ConvertConfig(rank=1))
+    names, _ = converted_layers(converted, original)
+    images = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    staged, plain = copy.deepcopy(converted), copy.deepcopy(converted)
+    refit(staged, original, names, images)
+    for name in names:
+        refit_layer(plain, original, name, images)
+    for (name, a), b in zip(staged.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert not torch.equal(staged.state_dict()["layer1.0.conv1.pointwise.weight"], converted.state_dict()["layer1.0.conv1.pointwise.weight"])

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -98,3 +100,25 @@ def test_calibrate_takes_the_order_from_the_original_graph():
     _, shared = calibrate(converted, original, images, config, graph=ModelGraph(original, (3, 16, 16)))
     alone.seconds = shared.seconds = 0.0
     assert shared == alone and [layer.name for layer in shared.layers] == ["conv1", "conv2"]
+
+
+@pytest.mark.parametrize("name,cut", [("resnet18", "layer2.0.conv1"), ("vgg11", "features.3")])
+def test_stages_resume_from_a_cut(name, cut):
+    """Running to a cut and on from there gives the model's output; a run that keeps its
+    environment leaves it usable again, even with in-place ReLUs after the cut (vgg11)."""
+    from dscompress.nn.graph import Stages
+
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    stages = Stages(torch.fx.GraphModule(model, LayerTracer().trace(model)))
+    env = stages.run(stages.start(x), stages.position(cut))
+    assert len(env["values"]) < len(stages.nodes) // 4  # only what is still used after the cut
+    with torch.no_grad():
+        expected = model(x)
+    for _ in range(2):
+        assert torch.equal(stages.output(stages.run(env, keep=True)), expected)
+    # a module swapped after the cut changes what runs from it
+    changed = copy.deepcopy(stages.graph_module.get_submodule(cut))
+    changed.weight.data.mul_(2)
+    stages.graph_module.set_submodule(cut, changed)
+    assert not torch.equal(stages.output(stages.run(env, keep=True)), expected)

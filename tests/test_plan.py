@@ -203,3 +203,76 @@ def test_bad_input_is_one_line(args, facts, tmp_path):
     line = error_line(CliRunner().invoke(cli, base + args))
     assert all(fact in line for fact in facts), line
     assert not os.path.exists(tmp_path / "x")
+
+
+def _all_damages(model, size, graph, screen=False, costs=None, tmp_cache=None):
+    from dscompress.core.util import QUIET
+    from dscompress.planning.plan import _damages
+
+    calls = convertible(model, size, graph=graph)
+    units = find_units(model, size, calls, graph=graph)
+    options = [unit_options(u, calls, [1, 2], [0.5]) for u in units]
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(8, *size, generator=generator) for _ in range(2)]
+    held_out = [torch.randn(8, *size, generator=generator) for _ in range(2)]
+    config = PlanConfig(speedup=2, round_to=4, screen=screen)
+    return _damages(model, units, options, calibration, held_out, config, QUIET, costs=costs, graph=graph), options
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])  # vgg11: ReLU(inplace=True) straight after each conv
+def test_staged_damage_is_the_whole_models(name, tmp_path, monkeypatch):
+    """The damage pass runs the part before each unit once and refits from Gram matrices: its
+    damages are those of applying each option to the whole model and refitting it plainly."""
+    import torchvision
+
+    from dscompress.nn.graph import ModelGraph
+
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    size = (3, 32, 32)
+    monkeypatch.setenv("DSCOMPRESS_CACHE", str(tmp_path / "staged" / "latency.json"))
+    (staged, *_), options = _all_damages(model, size, ModelGraph(model, size))
+    monkeypatch.setenv("DSCOMPRESS_CACHE", str(tmp_path / "whole" / "latency.json"))
+    (whole, *_), _ = _all_damages(model, size, ModelGraph(model, size, trace="hooks"))
+    assert sum(map(len, options)) > 20 and any(o.prune for unit in options for o in unit)
+    for unit_staged, unit_whole in zip(staged, whole):
+        assert unit_staged == pytest.approx(unit_whole, rel=2e-3, abs=1e-9)
+        assert unit_staged[0] == 0.0 and all(d > 0 for d in unit_staged[1:])
+
+
+def test_screening_skips_only_options_far_behind_at_their_cost(tmp_path, monkeypatch):
+    """Options no faster than dense are never measured; screened ones are far behind another
+    option of their unit at no more cost, and the best option at each cost is always measured."""
+    import torchvision
+
+    from dscompress.nn.graph import ModelGraph
+
+    monkeypatch.setenv("DSCOMPRESS_CACHE", str(tmp_path / "latency.json"))
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    size = (3, 32, 32)
+    graph = ModelGraph(model, size)
+    calls = convertible(model, size, graph=graph)
+    units = find_units(model, size, calls, graph=graph)
+    options = [unit_options(u, calls, [1, 2], [0.5]) for u in units]
+    costs = [[count_options_cost(o) for o in unit] for unit in options]
+    (damages, _, _, counts), _ = _all_damages(model, size, graph, screen=True, costs=costs)
+    (every, _, _, _), _ = _all_damages(model, size, graph, screen=False, costs=costs)
+    assert counts["slower"] > 0 and counts["screened"] > 0 and counts["measured"] > 0
+    assert counts["measured"] + counts["screened"] + counts["slower"] == sum(len(u) - 1 for u in options)
+    for unit_costs, screened, measured in zip(costs, damages, every):
+        for o, cost in enumerate(unit_costs):
+            if o and cost >= unit_costs[0]:
+                assert screened[o] == measured[o] == float("inf")
+            elif screened[o] != float("inf"):
+                assert screened[o] == pytest.approx(measured[o])
+        # the least damaging option at each cost is measured (it is what a plan would take)
+        for o, cost in enumerate(unit_costs):
+            finite = [d for c, d in zip(unit_costs, measured) if c <= cost]
+            best = min(finite)
+            assert min(d for c, d in zip(unit_costs, screened) if c <= cost) == pytest.approx(best)
+
+
+def count_options_cost(option) -> float:
+    """A made-up cost: rank 1 cheapest, rank 2 dearer, dense 4; pruning halves; rank 2 unpruned
+    costs as much as dense (so "slower than dense" happens)."""
+    per_layer = {None: 4.0, 1: 1.0, 2: 4.0}
+    return sum(per_layer[r] for r in option.ranks) * (0.5 if option.prune else 1.0)

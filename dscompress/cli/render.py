@@ -356,15 +356,19 @@ def _plan(record: PlanRecord) -> list:
         first = unit.layers[0] == layer.name
         shown.add_row(layer.name, layer.choice, str(layer.in_channels), str(layer.out_channels), human(layer.macs),
                       f"{layer.predicted_ms:.4f}" if layer.predicted_ms is not None else "",
-                      f"{unit.damage:.4f}" if first else "")
+                      (f"{unit.damage:.4f}" if unit.damage is not None else "-") if first else "")
     lines = []
     if timed:
         measured = f"{record.measured_ms:.3f} ms, {record.measured_speedup:.2f}x" if record.measured_ms else "not measured"
         lines.append(f"original {record.original_ms:.3f} ms; planned: predicted {record.predicted_ms:.3f} ms ({record.predicted_speedup:.2f}x), "
                      f"measured {measured} (side by side, {record.config['latency_batch']} image(s) per run)")
     lines.append(f"MACs: {human(record.macs_before)} -> {human(record.macs_after)} ({ratio(record.macs_after, record.macs_before)})")
-    lines.append(f"damage: predicted {record.damage_predicted:.4f} (sum over units), measured {record.damage_measured:.4f} "
+    predicted = f"predicted {record.damage_predicted:.4f} (sum over units)" if record.damage_predicted is not None else "not predicted"
+    lines.append(f"damage: {predicted}, measured {record.damage_measured:.4f} "
                  f"({record.agreement_measured:.1f}% same top class as the original) once calibrated")
+    if record.options_measured is not None:
+        lines.append(f"options' damage measured: {record.options_measured} on all held-out images, {record.options_screened} on the first "
+                     f"batch only (far behind another at no more cost), {record.options_slower} not at all (predicted no faster than dense)")
     if record.top1_before is not None:
         lines.append(f"top-1 on the test split: {record.top1_before:.2f}% original -> {record.top1_after:.2f}% planned and calibrated, no training")
     checked = [c for c in record.candidates if c.damage is not None]

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.fx
 from torch import nn
 
 from dscompress.core.config import ConfigError, Record, StepConfig, check_range, option
@@ -61,8 +62,8 @@ from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, Progress, model_device, resolve_device
 from dscompress.data.datasets import DataSpec, check_classes, load_dataset, make_loader
 from dscompress.models.build import output_classes
-from dscompress.nn.graph import ModelGraph
-from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
+from dscompress.nn.graph import ModelGraph, Stages
+from dscompress.nn.layers import DepthwiseSeparableConv2d, LayerTracer, named_layers
 
 # The order of the two corrections; see the module docstring for the measurement behind it.
 ORDER = ("refit", "bn")
@@ -307,6 +308,21 @@ def refit_layer(
     """
     layer = model.get_submodule(name)
     target = original.get_submodule(name)
+    device = (layer.pointwise if isinstance(layer, DepthwiseSeparableConv2d) else layer).weight.device
+
+    def pairs():
+        for x in images:
+            x = x.to(device)
+            yield from zip(_capture(model, layer, x, calls, "input"), _capture(original, target, x, calls, "output"))
+
+    refit_from(layer, pairs(), ridge, out_channels, name)
+
+
+@torch.no_grad()
+def refit_from(layer: nn.Module, pairs, ridge: float = 1e-3, out_channels: list[int] | None = None, name: str = "the layer") -> None:
+    """:func:`refit_layer` on given activations: ``pairs`` yields (the layer's input, the original
+    layer's output) tensors, (N, C_in, H, W) and (N, C_out, H', W'), for instance kept from one
+    forward pass and reused for every candidate form of the layer (the plan's damage pass)."""
     solved = layer.pointwise if isinstance(layer, DepthwiseSeparableConv2d) else layer
     has_bias = solved.bias is not None
     out = solved.weight.shape[0]
@@ -315,19 +331,30 @@ def refit_layer(
     device = solved.weight.device
     gram = torch.zeros(d, d, dtype=torch.float64, device="cpu" if device.type == "mps" else device)
     cross = torch.zeros(d, out, dtype=gram.dtype, device=gram.device)
-    for x in images:
-        x = x.to(device)
-        inputs = _capture(model, layer, x, calls, "input")
-        targets = _capture(original, target, x, calls, "output")
-        for layer_input, y in zip(inputs, targets):
-            _, z = _features(layer, layer_input)
-            y = _targets(y, out_channels)
-            if z.shape[0] != y.shape[0]:
-                raise RuntimeError(f"{name}: {z.shape[0]} output positions against the original's {y.shape[0]}")
-            if has_bias:
-                z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
-            gram += z.T @ z
-            cross += z.T @ y
+    for layer_input, y in pairs:
+        _, z = _features(layer, layer_input.to(device))
+        y = _targets(y.to(device), out_channels)
+        if z.shape[0] != y.shape[0]:
+            raise RuntimeError(f"{name}: {z.shape[0]} output positions against the original's {y.shape[0]}")
+        if has_bias:
+            z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
+        gram += z.T @ z
+        cross += z.T @ y.to(gram)
+    solve_refit(layer, gram, cross, ridge)
+
+
+@torch.no_grad()
+def solve_refit(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-3) -> None:
+    """The ridge solve of :func:`refit_layer` from its Gram matrices: ``gram`` = Z^T Z (D x D) and
+    ``cross`` = Z^T Y (D x C_out) over the layer's features (:func:`_features`, with a last column
+    of ones when the solved conv has a bias), in float64. The weights go into ``layer`` in place."""
+    solved = layer.pointwise if isinstance(layer, DepthwiseSeparableConv2d) else layer
+    has_bias = solved.bias is not None
+    out = solved.weight.shape[0]
+    features = solved.weight[0].numel()
+    d = features + int(has_bias)
+    if gram.shape != (d, d) or cross.shape != (d, out):
+        raise RuntimeError(f"refit: Gram matrices {tuple(gram.shape)}, {tuple(cross.shape)} for a layer of {d} features and {out} outputs")
     current = solved.weight.detach().reshape(out, -1)
     if has_bias:
         current = torch.cat([current, solved.bias.detach()[:, None]], dim=1)
@@ -345,17 +372,97 @@ def refit_layer(
         solved.bias.copy_(solution[:, features])
 
 
+@torch.no_grad()
+def patch_grams(conv: nn.Conv2d, layer_input: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's Gram matrices of a dense conv's input patches P, with a last column of ones,
+    against its output y: P^T P ((D+1) x (D+1)) and P^T Y ((D+1) x C_out), in float64. Summed over
+    batches, :func:`form_grams` turns them into any pruned or depthwise-separable form's."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = nn.functional.pad(layer_input, conv._reversed_padding_repeated_twice, mode=mode)
+    patches = nn.functional.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, D, L)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    patches = torch.cat([patches, torch.ones_like(patches[:, :1])], dim=1)
+    targets = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    # products in the activations' float32 (3-4x faster than float64 here), one batch at a time, summed in float64
+    return (patches.T @ patches).double(), (patches.T @ targets).double()
+
+
+def form_grams(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, inputs: list[int] | None,
+                     outputs: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gram matrices :func:`~dscompress.compress.calibrate.solve_refit` wants for ``layer``,
+    from those of the original conv's input patches P (with a last column of ones: (D+1) x (D+1)
+    and (D+1) x C_out, patch index ``c * kh * kw + k``), on the input channels ``inputs`` and the
+    output channels ``outputs`` kept (None: all).
+
+    A dense conv's features are the kept channels' patches. A depthwise-separable layer's are its
+    depthwise outputs Z = P B, where B (in * kh * kw x in * rank) is block-diagonal with the
+    depthwise kernel of input channel c (kh * kw x rank) as block c; so Z^T Z = B^T (P^T P) B and
+    Z^T Y = B^T (P^T Y). The column of ones is kept when the solved conv has a bias.
+    """
+    solved = layer.pointwise if isinstance(layer, DepthwiseSeparableConv2d) else layer
+    taps = layer.kernel_size[0] * layer.kernel_size[1]
+    channels = range(gram.shape[0] // taps) if inputs is None else inputs
+    rows = [c * taps + k for c in channels for k in range(taps)]
+    if solved.bias is not None:
+        rows.append(gram.shape[0] - 1)
+    gram, cross = gram[rows][:, rows], cross[rows]
+    if outputs is not None:
+        cross = cross[:, outputs]
+    if isinstance(layer, DepthwiseSeparableConv2d):
+        count = len(channels)
+        kernel = layer.depthwise.weight.detach().to(gram).reshape(count, -1, taps)  # (in, rank, taps)
+        core = gram[: count * taps, : count * taps].reshape(count, taps, count, taps)
+        # B^T G B and B^T C, with B block-diagonal: contracted block by block (in^2 taps^2 rank, not in^3 taps^2 rank)
+        features = torch.einsum("cjk,ckdl,dml->cjdm", kernel, core, kernel).reshape(count * kernel.shape[1], -1)
+        projected = torch.einsum("cjk,cko->cjo", kernel, cross[: count * taps].reshape(count, taps, -1)).reshape(features.shape[0], -1)
+        if solved.bias is not None:
+            ones = torch.einsum("cjk,ck->cj", kernel, gram[: count * taps, -1].reshape(count, taps)).reshape(-1, 1)
+            features = torch.cat([torch.cat([features, ones], 1), torch.cat([ones.T, gram[-1:, -1:]], 1)], 0)
+            projected = torch.cat([projected, cross[-1:]], 0)
+        gram, cross = features, projected
+    return gram, cross
+
+
 def refit(model: nn.Module, original: nn.Module, names: list[str], images: list[torch.Tensor], ridge: float = 1e-3,
           calls: dict | None = None, progress: Progress = QUIET, kept: dict[str, list[int]] | None = None) -> None:
     """Refit the named layers in place, one after another in the given (forward) order."""
     kept = kept or {}
     progress.start("calibrate: refit layers", len(names))
     try:
+        staged = _stages(model, original, names) if all((calls or {}).get(name, 1) == 1 for name in names) else None
+        if staged is None:
+            for name in names:
+                refit_layer(model, original, name, images, ridge, (calls or {}).get(name, 1), kept.get(name))
+                progress.advance(1, name)
+            return
+        # Each layer's inputs (on the model, its earlier layers refitted) and the original's
+        # outputs, carried from one layer to the next: two forward passes in all, not one per layer.
+        (ours, model_envs), (theirs, original_envs) = ((s, [s.start(x) for x in images]) for s in staged)
         for name in names:
-            refit_layer(model, original, name, images, ridge, (calls or {}).get(name, 1), kept.get(name))
+            at, there = ours.position(name), theirs.position(name)
+            model_envs = [ours.run(env, at) for env in model_envs]
+            original_envs = [theirs.run(env, there + 1) for env in original_envs]
+            inputs = [ours.value(env, ours.nodes[at].args[0]) for env in model_envs]
+            outputs = [theirs.value(env, theirs.nodes[there]) for env in original_envs]
+            refit_from(model.get_submodule(name), zip(inputs, outputs), ridge, kept.get(name), name)
             progress.advance(1, name)
     finally:
         progress.stop()
+
+
+def _stages(model: nn.Module, original: nn.Module, names: list[str]) -> tuple[Stages, Stages] | None:
+    """Staged runs of the model and its original (their traces share their modules: a layer
+    refitted in place is refitted in the model), or None when fx cannot trace either or the
+    layers are not called in the order given."""
+    try:
+        staged = tuple(Stages(torch.fx.GraphModule(m, LayerTracer().trace(m))) for m in (model, original))
+        for stages in staged:
+            positions = [stages.position(name) for name in names]
+            if positions != sorted(positions):
+                return None
+        return staged
+    except Exception:  # noqa: BLE001 - fx raises many kinds of errors, StopIteration a layer it does not call; the plain way works on any model
+        return None
 
 
 @torch.no_grad()

@@ -192,3 +192,68 @@ def _trace_failure(model: nn.Module, error: Exception) -> str:
             where = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`"
             break
     return f"cannot trace {type(model).__name__} with torch.fx: {first_line(error)}{where}"
+
+
+class Stages:
+    """A traced model run in stages: up to a node, then on from there, as many times as wanted.
+
+    The plan measures hundreds of candidate forms of one unit against the same images: the part of
+    the model before the unit is the original's for all of them, so it runs once, and each
+    candidate runs only from the unit on. An *environment* is the values alive at one point of
+    the forward pass for one batch (the node outputs that later nodes still use); the modules are
+    looked up in ``graph_module`` as each node runs, so swapping one there (``set_submodule``)
+    changes what runs after a cut but not the environments already computed.
+
+    Args:
+        graph_module: an fx trace (:attr:`ModelGraph.graph_module`, or one traced from a copy).
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule):
+        self.graph_module = graph_module
+        self.nodes = list(graph_module.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {node: max((self.index[u] for u in node.users), default=self.index[node]) for node in self.nodes}
+        self.interpreter = torch.fx.Interpreter(graph_module)
+
+    def position(self, target: str) -> int:
+        """The index of the node that first calls the module ``target``."""
+        return next(i for i, node in enumerate(self.nodes) if node.op == "call_module" and node.target == target)
+
+    def start(self, x: torch.Tensor) -> dict:
+        """The environment before the first node, for a batch ``x`` (the model's one input)."""
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise DscompressError(f"staged runs take a model with one input; this one takes {len(placeholders)}")
+        return {"at": 0, "values": {}, "input": x}
+
+    @torch.no_grad()
+    def run(self, env: dict, stop: int | None = None, keep: bool = False) -> dict:
+        """Run ``env``'s batch from where it is to node ``stop`` (exclusive; the end when None).
+
+        Returns the environment at ``stop``: a new one (``env`` is left as it was) when ``keep``,
+        else ``env`` itself, advanced, with the values nothing after ``stop`` uses dropped.
+        """
+        stop = len(self.nodes) if stop is None else stop
+        # a copy's tensors are copied too: a node after the cut may write into its input (ReLU(inplace=True), +=)
+        values = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in env["values"].items()} if keep else env["values"]
+        interpreter = self.interpreter
+        interpreter.env = values
+        for i in range(env["at"], stop):
+            node = self.nodes[i]
+            if node.op == "placeholder":
+                values[node] = env["input"]
+            elif node.op == "output":
+                values[node] = interpreter.fetch_args_kwargs_from_env(node)[0][0]
+            else:
+                values[node] = interpreter.run_node(node)
+        if not keep:
+            for node in [n for n in values if self.last_use[n] < stop and n.op != "output"]:
+                del values[node]
+        return {"at": stop, "values": values, "input": env["input"]}
+
+    def value(self, env: dict, node: torch.fx.Node):
+        return env["values"][node]
+
+    def output(self, env: dict):
+        """The model's output in an environment run to the end."""
+        return env["values"][self.nodes[-1]]

@@ -48,10 +48,21 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from dscompress.compress.calibrate import CalibrateConfig, CalibrationRecord, calibrate, fitting_batches, refit_layer
+from dscompress.compress.calibrate import (
+    CalibrateConfig,
+    CalibrationRecord,
+    calibrate,
+    fitting_batches,
+    form_grams,
+    patch_grams,
+    refit_from,
+    refit_layer,
+    solve_refit,
+)
 from dscompress.compress.convert import convertible
 from dscompress.compress.units import (
     Option,
@@ -71,7 +82,8 @@ from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, JsonCache, Progress
 from dscompress.data.datasets import DataSpec, load_dataset, make_loader
 from dscompress.deploy.profile import Runtime
-from dscompress.nn.graph import ModelGraph
+from dscompress.nn.graph import ModelGraph, Stages
+from dscompress.nn.layers import LayerTracer
 from dscompress.nn.metrics import conv_macs, count_macs
 from dscompress.planning.latency import Timer, default_cache, latency_table
 from dscompress.train.evaluate import accuracy
@@ -80,6 +92,10 @@ from dscompress.train.evaluate import accuracy
 RESOLUTION = 2000
 # A measured speed-up this much below the target makes the plan be solved again.
 TOLERANCE = 0.10
+# An option whose damage on the first held-out batch is this many times another's that costs no
+# more is not measured on the rest. (A local proxy, the unit's own output error, was tried first:
+# it misranked options of equal damage by more than 3x, and a test caught it dropping the best.)
+SCREEN_MARGIN = 2.0
 
 
 @dataclass
@@ -102,6 +118,8 @@ class PlanConfig(StepConfig):
     round_to: int = option(8, "Pruned channel counts are multiples of this (ONNX Runtime's fast kernels need multiples of 4).")
     batches: int = option(16, "Batches of calibration images for the planned model (as calibrate --batches).")
     damage_batches: int = option(8, "Of those, the batches that refit each option when its damage is measured alone (fewer: faster, coarser).")
+    screen: bool = option(True, "Measure on all held-out images only the options whose damage on the first batch is near the best for "
+                                "their cost (the rest could not enter a plan); --no-screen measures every option on all.")
     batch_size: int = option(32, "Images per calibration batch.")
     held_out: int = option(256, "Training images after the calibration ones on which damage is measured.")
     bn: bool = option(True, "Re-estimate the BatchNorm statistics when calibrating the planned model.")
@@ -223,8 +241,8 @@ class PlannedUnit(Record):
     layers: list[str]
     choice: list[str]
     predicted_ms: float | None
-    damage: float
-    agreement: float
+    damage: float | None  # None: not measured alone (a uniform plan won with an option the damage pass screened out)
+    agreement: float | None
 
 
 @dataclass
@@ -279,7 +297,7 @@ class PlanRecord(Record):
     macs_after: int
     layers: list[PlannedLayer]
     units: list[PlannedUnit]
-    damage_predicted: float
+    damage_predicted: float | None  # None when a chosen option was not measured alone (see PlannedUnit)
     damage_measured: float
     agreement_measured: float
     rounds: list[PlanRound] = field(default_factory=list)
@@ -293,6 +311,9 @@ class PlanRecord(Record):
     notes: list[str] = field(default_factory=list)
     table_original_ms: float | None = None
     test_images: int | None = None
+    options_measured: int | None = None  # options whose damage was measured end to end (the dense ones aside)
+    options_screened: int | None = None  # measured on the first held-out batch only: far behind another option at no more cost
+    options_slower: int | None = None  # not measured: predicted no faster than their unit's dense form
 
 
 def uniform_plans(options: list[list[Option]]) -> dict[str, list[int]]:
@@ -406,7 +427,8 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     pixels = {n: cost_graph.out_pixels(n) for u in units for n in u.layers}
     costs = _option_costs(model, units, options, pixels, cost_size, config, timer, progress, cost_graph)
     _check_reachable(costs, config, timer)
-    damages, agreements, kept_of = _damages(model, units, options, calibration[: config.damage_batches], held_out, config, progress)
+    damages, agreements, kept_of, counts = _damages(model, units, options, calibration[: config.damage_batches], held_out, config,
+                                                    progress, costs=costs.by_unit, graph=graph)
 
     def layout(picked):
         """The plan layout of one option index per unit."""
@@ -439,9 +461,9 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         macs_after=count_macs(calibrated, input_size),
         layers=_planned_layers(model, units, options, chosen, costs, pixels, config, timed=timer is not None),
         units=[PlannedUnit(u.layers, [o[i].label(p) for p in range(len(u.layers))], round(c[i], 5) if timer else None,
-                           round(d[i], 6), round(a[i], 3))
+                           _finite(d[i], 6), _finite(a[i], 3) if math.isfinite(d[i]) else None)
                for u, o, i, c, d, a in zip(units, options, chosen, costs.by_unit, damages, agreements)],
-        damage_predicted=round(sum(d[i] for d, i in zip(damages, chosen)), 6),
+        damage_predicted=_finite(sum(d[i] for d, i in zip(damages, chosen)), 6),
         damage_measured=round(winner.damage, 6),
         agreement_measured=round(winner.agreement, 3),
         rounds=rounds,
@@ -451,6 +473,9 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         kept=kept,
         seconds=0.0,
         table_original_ms=round(costs.table.total_ms, 5) if costs.table else None,
+        options_measured=counts["measured"],
+        options_screened=counts["screened"],
+        options_slower=counts["slower"],
     )
     if timer and record.measured_speedup and config.speedup and record.measured_speedup < config.speedup * (1 - TOLERANCE):
         record.notes.append(f"measured {record.measured_speedup:.2f}x misses the target {config.speedup:g}x by more than {TOLERANCE:.0%} after {len(rounds)} round(s)")
@@ -459,6 +484,10 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         record.top1_after = _top1(calibrated, test_data)
     record.seconds = round(time.perf_counter() - start, 2)
     return calibrated, record
+
+
+def _finite(value: float, digits: int) -> float | None:
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def _option_costs(model: nn.Module, units: list[Unit], options: list[list[Option]], pixels: dict[str, int], cost_size,
@@ -586,46 +615,193 @@ def _split_batches(batches, config: PlanConfig) -> tuple[list[torch.Tensor], lis
     return calibration, held_out
 
 
-def _damages(model, units, options, calibration, held_out, config, progress):
-    """Damage and top-1 agreement of every option alone, with its layers refitted; and kept channels."""
+def _damages(model, units, options, calibration, held_out, config, progress, costs: list[list[float]] | None = None, graph: ModelGraph | None = None):
+    """Damage and top-1 agreement of every option alone, with its layers refitted; and kept channels.
+
+    Each option is applied alone to the original, its converted (or pruned) layers refitted on the
+    calibration images and the KL divergence from the original measured on the held-out ones. With
+    an fx trace the work is staged (:class:`~dscompress.nn.graph.Stages`): the part of the model
+    before a unit runs once for all of the unit's options (units come in forward order, so it is
+    carried from one unit to the next), the refit reuses the layer inputs and the original's
+    outputs found then, and each option runs only the rest of the model. The numbers are those of
+    running every option on the whole model, to float rounding (tested).
+
+    Only options on or near their unit's front of cost against damage can be chosen (an option
+    another of its unit beats on both never is), so with ``costs`` two kinds are not measured on
+    all held-out images, and get an infinite damage: an option predicted no faster than the
+    unit's dense form (its damage would be at least dense's, zero), and, with ``config.screen``,
+    one whose damage on the first held-out batch is :data:`SCREEN_MARGIN` times another's that
+    costs no more. Returns the damages, agreements, kept channels and how many options were
+    measured, screened out and slower than dense.
+    """
     cache = JsonCache(os.path.join(os.path.dirname(default_cache()), "damage.json"))  # by the model's weights, the unit, the option and the images
     digest = hashlib.sha256(json.dumps({
         "model": model_digest(model), "calibration": [float(x.sum()) for x in calibration], "held_out": [float(x.sum()) for x in held_out],
         "round_to": config.round_to, "version": 1,
     }, sort_keys=True).encode()).hexdigest()[:16]
     reference = _log_probs(model, held_out)
-    work = copy.deepcopy(model)
+    staged = _StagedDamage(model, calibration, held_out, reference) if graph is None or graph.how == "fx" else None
+    work = None if staged else copy.deepcopy(model)
     damages, agreements, kept_of = [], [], []
+    counts = {"measured": 0, "screened": 0, "slower": 0}
     progress.start("plan: damage of the candidates", sum(map(len, options)))
-    for unit, unit_options_ in zip(units, options):
-        saved = {n: work.get_submodule(n) for n in unit.layers + unit.norms}
-        unit_damage, unit_agreement, unit_kept = [], [], []
-        for choice in unit_options_:
-            kept = pair_channels(model, unit, choice.prune, config.round_to) if unit.is_pair else None
-            unit_kept.append(kept)
-            key = f"{digest}|{unit.name}|{choice.ranks}|{choice.prune}"
-            if key not in cache:
-                if choice.ranks == tuple(None for _ in unit.layers) and not choice.prune:
-                    cache[key] = [0.0, 100.0]
+    for u, (unit, unit_options_) in enumerate(zip(units, options)):
+        kept_of.append([pair_channels(model, unit, choice.prune, config.round_to) if unit.is_pair else None for choice in unit_options_])
+        keys = [f"{digest}|{unit.name}|{choice.ranks}|{choice.prune}" for choice in unit_options_]
+        wanted = [o for o, choice in enumerate(unit_options_)
+                  if o > 0 and (costs is None or costs[u][o] < costs[u][0])]  # option 0: dense, no damage
+        counts["slower"] += len(unit_options_) - 1 - len(wanted)
+        screening = staged is not None and config.screen and costs is not None and len(held_out) > 1
+        first = [key + "|first" for key in keys]  # the screening sums are kept too, so that a cached plan screens as the first did
+        if staged and any(keys[o] not in cache or (screening and first[o] not in cache) for o in wanted):
+            staged.enter(unit)
+        if screening:
+            for o in wanted:
+                if first[o] not in cache:
+                    cache[first[o]] = staged.measure(unit, unit_options_[o], kept_of[-1][o], slice(0, 1))
+                    progress.advance(0, unit.name)
+            estimates = {o: cache[first[o]][0] / cache[first[o]][2] for o in wanted}
+            screened = [o for o in wanted if _screened_out(o, estimates, costs[u])]
+            counts["screened"] += len(screened)
+            wanted = [o for o in wanted if o not in screened]
+        counts["measured"] += len(wanted)
+        unit_damage, unit_agreement = [0.0] + [math.inf] * (len(unit_options_) - 1), [100.0] + [0.0] * (len(unit_options_) - 1)
+        for o in wanted:
+            if keys[o] not in cache:
+                choice, kept = unit_options_[o], kept_of[-1][o]
+                if staged:
+                    sums = (np.add(cache[first[o]], staged.measure(unit, choice, kept, slice(1, None))) if screening
+                            else staged.measure(unit, choice, kept))
+                    cache[keys[o]] = [sums[0] / sums[2], 100.0 * sums[1] / sums[2]]
                 else:
-                    apply_option(work, unit, choice, kept)
-                    for position, layer in enumerate(unit.layers):
-                        converted = choice.ranks[position] is not None
-                        if converted or (position == 1 and kept is not None):  # a pruned producer keeps its kept rows
-                            refit_layer(work, model, layer, calibration, out_channels=kept if position == 0 else None)
-                    cache[key] = list(kl_damage(work, reference, held_out))
-                    for name, module in saved.items():
-                        work.set_submodule(name, module)
-            damage, agreement = cache[key]
-            unit_damage.append(damage)
-            unit_agreement.append(agreement)
+                    cache[keys[o]] = list(_whole_damage(work, model, unit, choice, kept, calibration, held_out, reference))
+            unit_damage[o], unit_agreement[o] = cache[keys[o]]
             progress.advance(1, unit.name)
+        progress.advance(len(unit_options_) - len(wanted), unit.name)
         damages.append(unit_damage)
         agreements.append(unit_agreement)
-        kept_of.append(unit_kept)
     progress.stop()
     cache.save()
-    return damages, agreements, kept_of
+    return damages, agreements, kept_of, counts
+
+
+def _screened_out(index: int, estimates: dict[int, float], costs: list[float]) -> bool:
+    """Whether an option's damage estimated on the first held-out batch is more than
+    :data:`SCREEN_MARGIN` times that of another option of its unit that costs no more: so far
+    behind at its cost that it would not be on the unit's front of cost against damage, where a
+    plan's every choice lies (an option beaten on both by another of its unit never is)."""
+    return any(costs[o] <= costs[index] and estimates[o] * SCREEN_MARGIN < estimates[index] for o in estimates if o != index)
+
+
+def _refitted(unit: Unit, choice: Option, kept: list[int] | None) -> list[bool]:
+    """Which of the unit's layers an option refits: the converted ones, and a pruned pair's consumer
+    (its producer keeps its kept rows as they were)."""
+    return [choice.ranks[p] is not None or (p == 1 and kept is not None) for p in range(len(unit.layers))]
+
+
+def _whole_damage(work, model, unit, choice, kept, calibration, held_out, reference) -> tuple[float, float]:
+    """One option's damage the plain way: applied to ``work`` (a copy of the model), refitted with
+    whole forward passes, measured on the whole model, and taken off again."""
+    saved = {n: work.get_submodule(n) for n in unit.layers + unit.norms}
+    apply_option(work, unit, choice, kept)
+    for position, (layer, refit) in enumerate(zip(unit.layers, _refitted(unit, choice, kept))):
+        if refit:
+            refit_layer(work, model, layer, calibration, out_channels=kept if position == 0 else None)
+    result = kl_damage(work, reference, held_out)
+    for name, module in saved.items():
+        work.set_submodule(name, module)
+    return result
+
+
+class _StagedDamage:
+    """Options' damages measured from a cut before their unit (see :func:`_damages`).
+
+    At the cut, each of the unit's layers gets the Gram matrices of the original's input patches
+    (with a column of ones) against the original layer's output, over the calibration images.
+    Whenever a layer's input is the original's (the unit's first layer; the second when the
+    first keeps its dense form, pruned or not) its refit needs no forward pass: a pruned input
+    keeps its channels' rows, and a depthwise-separable form's features are the patches times
+    its (block-diagonal) depthwise kernel, so its Gram matrices are that kernel's congruence of
+    the patches' (:func:`~dscompress.compress.calibrate.form_grams`). Only a second layer after a converted first one
+    is refitted from its inputs, run again from the cut.
+    """
+
+    def __init__(self, model: nn.Module, calibration: list[torch.Tensor], held_out: list[torch.Tensor], reference: list[torch.Tensor]):
+        self.work = torch.fx.GraphModule(copy.deepcopy(model), LayerTracer().trace(model))
+        self.stages = Stages(self.work)
+        self.reference = reference
+        self.calibration = [self.stages.start(x) for x in calibration]
+        self.held_out = [self.stages.start(x) for x in held_out]
+        self.targets: dict[str, list[torch.Tensor]] = {}
+        self.grams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def enter(self, unit: Unit) -> None:
+        """Carry the environments to the unit's first layer; find the original layers' inputs'
+        patch Gram matrices and outputs there."""
+        cut = self.stages.position(unit.layers[0])
+        if any(env["at"] > cut for env in self.calibration + self.held_out):  # a unit before the last one: from the start again
+            self.calibration = [self.stages.start(env["input"]) for env in self.calibration]
+            self.held_out = [self.stages.start(env["input"]) for env in self.held_out]
+        self.calibration = [self.stages.run(env, cut) for env in self.calibration]
+        self.held_out = [self.stages.run(env, cut) for env in self.held_out]
+        self.targets, self.grams = {}, {}
+        for env in self.calibration:
+            for layer in unit.layers:
+                at = self.stages.position(layer)
+                env = self.stages.run(env, at + 1, keep=True)
+                node = self.stages.nodes[at]
+                y = self.stages.value(env, node).clone()
+                self.targets.setdefault(layer, []).append(y)
+                gram, cross = patch_grams(self.work.get_submodule(layer), self.stages.value(env, node.args[0]), y)
+                if layer in self.grams:
+                    gram, cross = gram + self.grams[layer][0], cross + self.grams[layer][1]
+                self.grams[layer] = (gram, cross)
+
+    def _inputs(self, layer: str) -> list[torch.Tensor]:
+        """The layer's inputs on the calibration images, with the unit's current modules."""
+        at = self.stages.position(layer)
+        node = self.stages.nodes[at].args[0]
+        return [self.stages.value(self.stages.run(env, at, keep=True) if env["at"] < at else env, node) for env in self.calibration]
+
+    def _refit(self, unit: Unit, choice: Option, kept: list[int] | None, position: int) -> None:
+        layer = unit.layers[position]
+        module = self.work.get_submodule(layer)
+        if position == 0 or choice.ranks[0] is None:
+            inputs = kept if position == 1 else None
+            outputs = kept if position == 0 else None
+            solve_refit(module, *form_grams(module, *self.grams[layer], inputs, outputs))
+        else:
+            refit_from(module, zip(self._inputs(layer), self.targets[layer]), name=layer)
+
+    def _apply(self, unit: Unit, choice: Option, kept: list[int] | None) -> dict[str, nn.Module]:
+        """Give the work model the option, refitted; returns the modules it replaced."""
+        saved = {n: self.work.get_submodule(n) for n in unit.layers + unit.norms}
+        apply_option(self.work, unit, choice, kept)
+        for position, refit in enumerate(_refitted(unit, choice, kept)):
+            if refit:
+                self._refit(unit, choice, kept, position)
+        return saved
+
+    def _restore(self, saved: dict[str, nn.Module]) -> None:
+        for name, module in saved.items():
+            self.work.set_submodule(name, module)
+
+    def measure(self, unit: Unit, choice: Option, kept: list[int] | None, batches: slice = slice(None)) -> list[float]:
+        """The option's summed KL divergence, agreeing images and images (or pixels) over the
+        held-out ``batches``: sums, so that the first batch's (the screening estimate) and the
+        rest's add up to the whole's."""
+        saved = self._apply(unit, choice, kept)
+        try:
+            total = agree = count = 0.0
+            for env, ref in zip(self.held_out[batches], self.reference[batches]):
+                out = F.log_softmax(self.stages.output(self.stages.run(env, keep=True)).double(), dim=1)
+                kl = (ref.exp() * (ref - out)).sum(1)
+                total += float(kl.sum())
+                agree += float((ref.argmax(1) == out.argmax(1)).sum())
+                count += kl.numel()
+            return [total, agree, count]
+        finally:
+            self._restore(saved)
 
 
 def _top1(model: nn.Module, loader) -> float:
