@@ -117,6 +117,21 @@ def test_equalize_runs_first_and_keeps_the_fp32_graph(base, tmp_path):
     assert records["--equalize"]["fp32_top1"] == records["--no-equalize"]["fp32_top1"]
 
 
+def test_bias_correction_after_pair_equalization_measures_against_the_models_own_fp32(base, tmp_path):
+    """--equalize --bias-correction on a dense model: its conv -> BN -> ReLU -> conv pairs are
+    equalized, every conv's bias corrected, and the fp32 top-1 is still the model's own."""
+    records = {}
+    for flags in ([], ["--equalize", "--bias-correction"]):
+        result = invoke("quantize", base, "--data", "digits", "--calibrate-images", "32", "--test-images", "64", "--max-drop", "100",
+                        *flags, "-o", tmp_path / f"q{len(flags)}.onnx", "--json")
+        assert result.exit_code == 0, result.output
+        records[len(flags)] = json.loads(result.stdout)
+    assert records[2]["equalized"] == 4 and records[2]["bias_corrected"] == 5  # TinyCNN: 4 pairs, 5 convs
+    assert records[0]["bias_corrected"] == records[0]["equalized"] == 0
+    assert records[2]["fp32_top1"] == records[0]["fp32_top1"]
+    assert all(n["quantized"] for n in records[2]["nodes"])
+
+
 def test_weights_get_7_bits_only_for_ort_cpu_without_vnni():
     assert reduces_range(QuantizeConfig()) is not cpu_has_vnni()
     assert reduces_range(QuantizeConfig(reduce_range="yes")) and not reduces_range(QuantizeConfig(reduce_range="no"))

@@ -73,8 +73,10 @@ class QuantizeConfig(StepConfig):
         "auto", "ort-cpu: 7-bit weights, which MLAS's u8s8 kernels need on CPUs without VNNI (AVX2's 16-bit sums saturate); "
         "auto: yes where this CPU lacks VNNI.")
     exclude: list[str] = option(factory=list, repeat=True, help="Leave modules matching this pattern in float (layer4.*, re:...).")
-    equalize: bool = option(False, "First equalize each depthwise-separable layer's halves on the calibration data (`dscompress equalize`: "
-                                   "the same fp32 function, its channels' ranges brought together).")
+    equalize: bool = option(False, "First equalize each depthwise-separable layer's halves on the calibration data, and each conv -> conv "
+                                   "pair through BatchNorm and ReLU (`dscompress equalize --pairs`: the same fp32 function, ranges brought together).")
+    bias_correction: bool = option(False, "Then correct each conv's bias for the mean error its INT8 weights add (their grid predicted exactly, "
+                                          "mean inputs from the calibration data); the fp32 graph measured is still the model's own.")
     max_drop: float = option(1.0, "Top-1 points the INT8 graph may lose against the fp32 graph; more is a failure.")
     test_images: int | None = option(None, "Test images measured [default: all].")
     opset: int = option(18, "ONNX opset of the exported graph.")
@@ -147,6 +149,7 @@ class QuantizeRecord(Record):
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     equalized: int = 0
+    bias_corrected: int = 0
 
     @property
     def passed(self) -> bool:
@@ -389,6 +392,7 @@ def quantize_onnx(
     task: str = "classification",
     model_name: str = "the model",
     progress: Progress = QUIET,
+    reference: nn.Module | None = None,
 ) -> QuantizeRecord:
     """Export ``model``, quantize it to INT8 for ``config.runtime`` and measure it against fp32.
 
@@ -400,6 +404,8 @@ def quantize_onnx(
         config: data, runtime, calibration, exclusions and the accepted drop.
         metadata: extra ``metadata_props`` entries (e.g. the source artifact's manifest hash).
         task: the model's task; only classification is measured (segmentation is refused).
+        reference: the fp32 model the INT8 graph is measured against, where ``model`` is not it
+            (bias correction changes the fp32 function; equalization does not); default ``model``.
 
     Returns:
         The :class:`QuantizeRecord`; a graph over the drop is recorded there (``passed``), not raised.
@@ -416,28 +422,35 @@ def quantize_onnx(
     test = load_dataset(config.data, input_size, split="test")
     progress.start("quantize: export, calibrate, measure", 3)
     try:
-        record = _quantize(model, input_size, path, config, train, test, metadata, progress)
+        record = _quantize(model, input_size, path, config, train, test, metadata, progress, reference)
     finally:
         progress.stop()
     record.seconds = time.perf_counter() - started
     return record
 
 
+def _export_fp32(model: nn.Module, input_size: list[int], path: str, config: QuantizeConfig, metadata: dict | None) -> None:
+    exported = export_onnx(model, input_size, path, ExportConfig(opset=config.opset, providers=["cpu"]), metadata=metadata)
+    if exported.validation_status != "pass":
+        raise DscompressError(f"the fp32 graph does not match PyTorch ({exported.failure()}); see `dscompress export`")
+
+
 def _quantize(model: nn.Module, input_size: list[int], path: str, config: QuantizeConfig, train, test, metadata: dict | None,
-              progress: Progress) -> QuantizeRecord:
+              progress: Progress, reference: nn.Module | None = None) -> QuantizeRecord:
     threads = torch.get_num_threads()
     notes = []
     with tempfile.TemporaryDirectory(prefix="dscompress-quantize-") as work:
-        fp32 = os.path.join(work, "fp32.onnx")
-        exported = export_onnx(model, input_size, fp32, ExportConfig(opset=config.opset, providers=["cpu"]), metadata=metadata)
-        if exported.validation_status != "pass":
-            raise DscompressError(f"the fp32 graph does not match PyTorch ({exported.failure()}); see `dscompress export`")
+        fp32 = source = os.path.join(work, "fp32.onnx")
+        _export_fp32(model, input_size, fp32, config, metadata)
+        if reference is not None and reference is not model:
+            fp32 = os.path.join(work, "reference.onnx")
+            _export_fp32(reference, input_size, fp32, config, metadata)
         progress.advance(status="exported")
         prepared = os.path.join(work, "prepared.onnx")
-        reason = _preprocess(fp32, prepared)
+        reason = _preprocess(source, prepared)
         if reason:
             notes.append(f"quant_pre_process failed ({reason}); quantized the graph as exported")
-            prepared = fp32
+            prepared = source
         graph = onnx.load(prepared, load_external_data=False).graph
         names = module_names(graph)
         require_matches(config.exclude, list(dict.fromkeys(names.values())), "--exclude", kind="weighted layer")
