@@ -47,6 +47,7 @@ def test_ort_cpu_int8_is_within_max_drop_and_runs_every_conv_in_int8(base, tmp_p
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["passed"] and record["drop"] <= 1.0 and record["agreement"] > 90
+    assert 0 < record["logit_shift"] <= record["logit_error"] < 0.5
     assert out.exists() and not (tmp_path / "int8.failed.onnx").exists()
     model = Artifact.open(base).model()
     assert {n["module"] for n in record["nodes"] if n["quantized"]} == weighted_modules(model)

@@ -300,7 +300,8 @@ def _quantize(record: QuantizeRecord) -> list:
     verdict = "within" if record.passed else "over"
     lines = [
         f"{record.data} ({record.test_images} test images, ONNX Runtime CPU): top-1 fp32 {record.fp32_top1:.2f}%  int8 {record.int8_top1:.2f}%  "
-        f"drop {record.drop:.2f} points ({verdict} --max-drop {record.max_drop:g})  agreement {record.agreement:.2f}%",
+        f"drop {record.drop:.2f} points ({verdict} --max-drop {record.max_drop:g})  agreement {record.agreement:.2f}%  "
+        f"logit error {record.logit_error:.4f} (mean {record.logit_shift:.4f}) of their spread",
         f"calibrated on {record.calibrate_images} train images ({record.calibrate_method}"
         f"{', 7-bit weights for a CPU without VNNI' if record.reduce_range else ''}"
         f"{f', {record.equalized} layers equalized first' if record.equalized else ''}"

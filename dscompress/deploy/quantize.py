@@ -122,7 +122,9 @@ class QuantizeRecord(Record):
 
     ``reduce_range``: the weights got 7 bits (see :func:`reduces_range`); ``kernels`` counts the op
     types of ONNX Runtime CPU's optimized graph (``ort-cpu``). Top-1 values and the agreement are percentages on ``test_images`` images of the test split,
-    both graphs run on ONNX Runtime CPU; ``drop`` is ``fp32_top1 - int8_top1`` in points.
+    both graphs run on ONNX Runtime CPU; ``drop`` is ``fp32_top1 - int8_top1`` in points;
+    ``logit_error`` and ``logit_shift``: the INT8 logits' RMS and mean error against fp32's,
+    relative to the fp32 logits' standard deviation (:func:`measure`).
     """
 
     DERIVED: ClassVar[tuple[str, ...]] = ("passed",)
@@ -150,6 +152,8 @@ class QuantizeRecord(Record):
     notes: list[str] = field(default_factory=list)
     equalized: int = 0
     bias_corrected: int = 0
+    logit_error: float = 0.0
+    logit_shift: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -351,16 +355,25 @@ def _not_fused_reason(row: QuantizedNode, graph) -> str:
 
 
 def measure(fp32_session, int8_session, batches, limit: int | None) -> dict:
-    """Top-1 of both graphs against the labels and their agreement, in percent, over up to ``limit`` images."""
+    """Top-1 of both graphs against the labels and their agreement, in percent, over up to ``limit``
+    images; and how far the INT8 logits are from the fp32 ones, relative to the fp32 logits' spread
+    (their standard deviation over images and classes): ``logit_error``, the root mean square of the
+    difference, and ``logit_shift``, the mean over classes of |the difference's mean over images|
+    (the part of the error that bias correction removes)."""
     seen = fp32_right = int8_right = agree = 0
+    difference_sum = difference_squares = reference_sum = reference_squares = 0.0
     for images, labels in batches:
         if limit is not None:
             images, labels = images[: limit - seen], labels[: limit - seen]
         if len(images) == 0:
             break
         feed = {INPUT_NAME: images.float().numpy()}
-        a = fp32_session.run(None, feed)[0].argmax(axis=1)
-        b = int8_session.run(None, feed)[0].argmax(axis=1)
+        reference, quantized = fp32_session.run(None, feed)[0].astype(np.float64), int8_session.run(None, feed)[0].astype(np.float64)
+        a, b = reference.argmax(axis=1), quantized.argmax(axis=1)
+        difference_sum = difference_sum + (quantized - reference).sum(axis=0)
+        difference_squares += float(((quantized - reference) ** 2).sum())
+        reference_sum += float(reference.sum())
+        reference_squares += float((reference ** 2).sum())
         labels = np.asarray(labels)
         fp32_right += int((a == labels).sum())
         int8_right += int((b == labels).sum())
@@ -368,7 +381,11 @@ def measure(fp32_session, int8_session, batches, limit: int | None) -> dict:
         seen += len(images)
     if seen == 0:
         raise DscompressError("no test images to measure top-1 on; the dataset's test split is empty")
-    return {"images": seen, "fp32_top1": 100.0 * fp32_right / seen, "int8_top1": 100.0 * int8_right / seen, "agreement": 100.0 * agree / seen}
+    values = seen * len(difference_sum)
+    spread = max(np.sqrt(max(reference_squares / values - (reference_sum / values) ** 2, 0.0)), 1e-12)
+    return {"images": seen, "fp32_top1": 100.0 * fp32_right / seen, "int8_top1": 100.0 * int8_right / seen, "agreement": 100.0 * agree / seen,
+            "logit_error": float(np.sqrt(difference_squares / values) / spread),
+            "logit_shift": float(np.abs(difference_sum / seen).mean() / spread)}
 
 
 # --- quantizing ----------------------------------------------------------------------------------
@@ -479,7 +496,7 @@ def _quantize(model: nn.Module, input_size: list[int], path: str, config: Quanti
             calibrate_images=reader.count, test_images=scores["images"], fp32_top1=scores["fp32_top1"], int8_top1=scores["int8_top1"],
             drop=drop, agreement=scores["agreement"], max_drop=config.max_drop, fp32_bytes=os.path.getsize(fp32),
             int8_bytes=0, nodes=nodes, preprocessed=reason is None, reduce_range=reduces_range(config), kernels=kernels,
-            exclude=list(config.exclude), notes=notes,
+            exclude=list(config.exclude), notes=notes, logit_error=scores["logit_error"], logit_shift=scores["logit_shift"],
         )
         stamp(proto, {**{p.key: p.value for p in onnx.load(fp32, load_external_data=False).metadata_props},
                       "dscompress.precision": "int8", "dscompress.runtime": config.runtime,
