@@ -32,6 +32,8 @@ _API = {
     "prune": "dscompress.compress.prune",
     "EqualizeConfig": "dscompress.compress.equalize",
     "equalize": "dscompress.compress.equalize",
+    "BiasCorrectConfig": "dscompress.compress.biascorrect",
+    "bias_correct": "dscompress.compress.biascorrect",
     "FinetuneConfig": "dscompress.train.finetune",
     "finetune": "dscompress.train.finetune",
     "PlanConfig": "dscompress.planning.plan",

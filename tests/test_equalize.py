@@ -128,3 +128,56 @@ def test_cli_bad_input_is_one_line(args, fact, tmp_path):
     runner.invoke(cli, ["convert", "conftest:make_tiny", "--input-size", "3,32,32", "--rank", "1", "-o", str(tmp_path / "r1")])
     result = runner.invoke(cli, ["equalize", *[a.format(tmp=tmp_path) for a in args]])
     assert fact in error_line(result)
+
+
+def _with_statistics(model):
+    """``model`` with BatchNorm statistics and affine terms away from the identity, as training leaves them."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for tensor, low, high in ((module.running_mean, -0.5, 0.5), (module.running_var, 0.5, 2.0),
+                                          (module.weight, 0.2, 2.0), (module.bias, -0.3, 0.3)):
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, pairs, relu6", [("resnet18", 8, 0), ("mobilenet_v2", 2, 34)])
+def test_conv_pairs_are_equalized_through_batchnorm_and_relu_exactly(name, pairs, relu6):
+    """DFQ's conv -> conv pairs: resnet18's conv1 -> bn1 -> relu -> conv2 of each block; in
+    mobilenet_v2 only the projection -> expansion pairs with nothing between (its ReLU6s clip)."""
+    model = _with_statistics(getattr(torchvision.models, name)(num_classes=10))
+    equalized, record = equalize(model, EqualizeConfig(pairs=True), input_size=SIZE)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(equalized(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert len(record.pairs) == pairs and len(record.skipped) == relu6
+    assert all("ReLU6" in s["reason"] for s in record.skipped)
+    for pair in record.pairs:
+        assert pair.folded and isinstance(equalized.get_submodule(pair.folded), torch.nn.Identity)
+        first, second = equalized.get_submodule(pair.producer), equalized.get_submodule(pair.consumer)
+        ranges = first.weight.abs().flatten(1).amax(1)
+        columns = second.weight.abs().amax(dim=(0, 2, 3)) if second.groups == 1 else second.weight.abs().flatten(1).amax(1)
+        torch.testing.assert_close(ranges, columns, rtol=1e-5, atol=1e-7)  # each channel's two ranges meet
+        assert pair.spread_after <= max(pair.spread_before, pair.consumer_spread_before)
+    assert not record.layers
+
+
+def test_equalized_pairs_save_and_load_as_an_artifact(tmp_path):
+    """Folding a BatchNorm gives a conv a bias and leaves an Identity: the artifact records both,
+    and both kinds (a converted layer, conv pairs) are equalized in one step."""
+    runner = CliRunner()
+    converted, out = str(tmp_path / "r1"), str(tmp_path / "eq")
+    result = runner.invoke(cli, ["convert", "conftest:TinyCNN", "--num-classes", "10", "--input-size", "3,16,16", "--rank", "1",
+                                 "--include", "features.4.0", "-o", converted])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["equalize", converted, "--pairs", "-o", out, "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert [p["producer"] for p in record["pairs"]] == ["features.0.0", "features.1.0", "features.2.0"] and len(record["layers"]) == 1
+    reloaded = Artifact.open(out).model()
+    assert isinstance(reloaded.features[0][1], torch.nn.Identity) and reloaded.features[0][0].bias is not None
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), Artifact.open(converted).model()(x), rtol=1e-5, atol=1e-5)

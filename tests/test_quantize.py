@@ -47,6 +47,7 @@ def test_ort_cpu_int8_is_within_max_drop_and_runs_every_conv_in_int8(base, tmp_p
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["passed"] and record["drop"] <= 1.0 and record["agreement"] > 90
+    assert 0 < record["logit_shift"] <= record["logit_error"] < 0.5
     assert out.exists() and not (tmp_path / "int8.failed.onnx").exists()
     model = Artifact.open(base).model()
     assert {n["module"] for n in record["nodes"] if n["quantized"]} == weighted_modules(model)
@@ -115,6 +116,21 @@ def test_equalize_runs_first_and_keeps_the_fp32_graph(base, tmp_path):
     layers = sum(isinstance(m, DepthwiseSeparableConv2d) for m in Artifact.open(converted).model().modules())
     assert records["--equalize"]["equalized"] == layers > 0 and records["--no-equalize"]["equalized"] == 0
     assert records["--equalize"]["fp32_top1"] == records["--no-equalize"]["fp32_top1"]
+
+
+def test_bias_correction_after_pair_equalization_measures_against_the_models_own_fp32(base, tmp_path):
+    """--equalize --bias-correction on a dense model: its conv -> BN -> ReLU -> conv pairs are
+    equalized, every conv's bias corrected, and the fp32 top-1 is still the model's own."""
+    records = {}
+    for flags in ([], ["--equalize", "--bias-correction"]):
+        result = invoke("quantize", base, "--data", "digits", "--calibrate-images", "32", "--test-images", "64", "--max-drop", "100",
+                        *flags, "-o", tmp_path / f"q{len(flags)}.onnx", "--json")
+        assert result.exit_code == 0, result.output
+        records[len(flags)] = json.loads(result.stdout)
+    assert records[2]["equalized"] == 4 and records[2]["bias_corrected"] == 5  # TinyCNN: 4 pairs, 5 convs
+    assert records[0]["bias_corrected"] == records[0]["equalized"] == 0
+    assert records[2]["fp32_top1"] == records[0]["fp32_top1"]
+    assert all(n["quantized"] for n in records[2]["nodes"])
 
 
 def test_weights_get_7_bits_only_for_ort_cpu_without_vnni():

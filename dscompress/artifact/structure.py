@@ -18,7 +18,25 @@ from dscompress.nn.layers import DepthwiseSeparableConv2d, named_layers
 
 # Module attributes that structural changes (pruning) edit; recorded when they differ.
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape")
-LAYER_TYPES = {"DepthwiseSeparableConv2d": DepthwiseSeparableConv2d}
+LAYER_TYPES = {"DepthwiseSeparableConv2d": DepthwiseSeparableConv2d, "Conv2d": nn.Conv2d, "Identity": nn.Identity}
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": list(conv.kernel_size),
+            "stride": list(conv.stride), "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation), "groups": conv.groups, "bias": conv.bias is not None, "padding_mode": conv.padding_mode}
+
+
+def _swapped(module: nn.Module, reference: nn.Module | None) -> dict | None:
+    """The entry of a module swapped for another type, or for a conv that gained a bias (a
+    BatchNorm folded into it: the BatchNorm is an ``nn.Identity`` now); None for any other."""
+    if isinstance(module, DepthwiseSeparableConv2d):
+        return {"type": type(module).__name__, "args": module.constructor_args()}
+    if type(module) is nn.Identity and reference is not None and type(reference) is not nn.Identity:
+        return {"type": "Identity", "args": {}}
+    if type(module) is nn.Conv2d and isinstance(reference, nn.Conv2d) and (module.bias is None) != (reference.bias is None):
+        return {"type": "Conv2d", "args": _conv_args(module)}
+    return None
 
 
 def _shape_attrs(module: nn.Module) -> dict:
@@ -35,10 +53,11 @@ def structure_of(model: nn.Module, base: nn.Module) -> dict:
     base_modules = dict(base.named_modules())
     structure = {}
     for name, module in named_layers(model):  # not inside a swapped layer (a resized block is looked into)
-        if isinstance(module, DepthwiseSeparableConv2d):
-            structure[name] = {"type": type(module).__name__, "args": module.constructor_args()}
-            continue
         reference = base_modules.get(name)
+        swapped = _swapped(module, reference)
+        if swapped is not None:
+            structure[name] = swapped
+            continue
         if reference is None:
             raise DscompressError(f"module {name!r} has no counterpart in the spec's model; cannot save it")
         attrs = _shape_attrs(module)
@@ -61,6 +80,9 @@ def apply_structure(model: nn.Module, structure: dict, state: dict[str, torch.Te
             if cls is None:
                 raise DscompressError(f"artifact names an unknown layer type {entry['type']!r}; upgrade dscompress")
             args = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["args"].items()}
+            if cls is nn.Conv2d:  # a bias gained, its device and dtype those of the conv it replaces
+                old = model.get_submodule(name)
+                args.update(device=old.weight.device, dtype=old.weight.dtype)
             model.set_submodule(name, cls(**args))
         else:
             module = model.get_submodule(name)

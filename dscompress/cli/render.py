@@ -136,15 +136,26 @@ def _calibration(record: CalibrationRecord) -> list:
 
 @renders(EqualizeRecord)
 def _equalize(record: EqualizeRecord) -> list:
-    shown = table(f"equalized {len(record.layers)} layers (ranges of the {record.ranges}"
+    shown = table(f"equalized {len(record.layers)} layers and {len(record.pairs)} conv pairs (ranges of the {record.ranges}"
                   + (f", {record.images} images)" if record.images else ")"),
                   ["layer", "channels", "spread", "scales"], left=("layer",))
     for layer in record.layers:
         shown.add_row(layer.name, str(layer.channels), f"{layer.spread_before:g} -> {layer.spread_after:g}",
                       f"{layer.smallest_scale:g} .. {layer.largest_scale:g}")
-    worst = max((layer.spread_before for layer in record.layers), default=1.0)
-    after = max((layer.spread_after for layer in record.layers), default=1.0)
-    return [shown, f"largest channel spread: {worst:g} -> {after:g} (largest / smallest channel range; the fp32 function is unchanged)"]
+    for pair in record.pairs:
+        shown.add_row(f"{pair.producer} -> {pair.consumer}", str(pair.channels), f"{pair.spread_before:g} -> {pair.spread_after:g}",
+                      f"{pair.smallest_scale:g} .. {pair.largest_scale:g}")
+    entries = [*record.layers, *record.pairs]
+    worst = max((entry.spread_before for entry in entries), default=1.0)
+    after = max((entry.spread_after for entry in entries), default=1.0)
+    lines = [shown, f"largest channel spread: {worst:g} -> {after:g} (largest / smallest channel range; the fp32 function is unchanged)"]
+    reasons: dict[str, list[str]] = {}
+    for skipped in record.skipped:
+        reasons.setdefault(skipped["reason"], []).append(skipped["name"])
+    for reason, names in reasons.items():
+        more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+        lines.append(f"{len(names)} conv pairs left alone: {reason} ({', '.join(names[:2])}{more})")
+    return lines
 
 
 @renders(PruneRecord)
@@ -289,10 +300,12 @@ def _quantize(record: QuantizeRecord) -> list:
     verdict = "within" if record.passed else "over"
     lines = [
         f"{record.data} ({record.test_images} test images, ONNX Runtime CPU): top-1 fp32 {record.fp32_top1:.2f}%  int8 {record.int8_top1:.2f}%  "
-        f"drop {record.drop:.2f} points ({verdict} --max-drop {record.max_drop:g})  agreement {record.agreement:.2f}%",
+        f"drop {record.drop:.2f} points ({verdict} --max-drop {record.max_drop:g})  agreement {record.agreement:.2f}%  "
+        f"logit error {record.logit_error:.4f} (mean {record.logit_shift:.4f}) of their spread",
         f"calibrated on {record.calibrate_images} train images ({record.calibrate_method}"
         f"{', 7-bit weights for a CPU without VNNI' if record.reduce_range else ''}"
-        f"{f', {record.equalized} layers equalized first' if record.equalized else ''}); fp32 {record.fp32_bytes / 1e6:.2f} MB -> "
+        f"{f', {record.equalized} layers equalized first' if record.equalized else ''}"
+        f"{f', {record.bias_corrected} biases corrected' if record.bias_corrected else ''}); fp32 {record.fp32_bytes / 1e6:.2f} MB -> "
         f"int8 {record.int8_bytes / 1e6:.2f} MB ({ratio(record.int8_bytes, record.fp32_bytes)}) in {record.seconds:.1f}s",
         f"wrote {record.path}" + ("" if record.passed else f" (not at {record.requested_path})"),
     ]

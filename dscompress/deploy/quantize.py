@@ -73,8 +73,10 @@ class QuantizeConfig(StepConfig):
         "auto", "ort-cpu: 7-bit weights, which MLAS's u8s8 kernels need on CPUs without VNNI (AVX2's 16-bit sums saturate); "
         "auto: yes where this CPU lacks VNNI.")
     exclude: list[str] = option(factory=list, repeat=True, help="Leave modules matching this pattern in float (layer4.*, re:...).")
-    equalize: bool = option(False, "First equalize each depthwise-separable layer's halves on the calibration data (`dscompress equalize`: "
-                                   "the same fp32 function, its channels' ranges brought together).")
+    equalize: bool = option(False, "First equalize each depthwise-separable layer's halves on the calibration data, and each conv -> conv "
+                                   "pair through BatchNorm and ReLU (`dscompress equalize --pairs`: the same fp32 function, ranges brought together).")
+    bias_correction: bool = option(False, "Then correct each conv's bias for the mean error its INT8 weights add (their grid predicted exactly, "
+                                          "mean inputs from the calibration data); the fp32 graph measured is still the model's own.")
     max_drop: float = option(1.0, "Top-1 points the INT8 graph may lose against the fp32 graph; more is a failure.")
     test_images: int | None = option(None, "Test images measured [default: all].")
     opset: int = option(18, "ONNX opset of the exported graph.")
@@ -120,7 +122,9 @@ class QuantizeRecord(Record):
 
     ``reduce_range``: the weights got 7 bits (see :func:`reduces_range`); ``kernels`` counts the op
     types of ONNX Runtime CPU's optimized graph (``ort-cpu``). Top-1 values and the agreement are percentages on ``test_images`` images of the test split,
-    both graphs run on ONNX Runtime CPU; ``drop`` is ``fp32_top1 - int8_top1`` in points.
+    both graphs run on ONNX Runtime CPU; ``drop`` is ``fp32_top1 - int8_top1`` in points;
+    ``logit_error`` and ``logit_shift``: the INT8 logits' RMS and mean error against fp32's,
+    relative to the fp32 logits' standard deviation (:func:`measure`).
     """
 
     DERIVED: ClassVar[tuple[str, ...]] = ("passed",)
@@ -147,6 +151,9 @@ class QuantizeRecord(Record):
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     equalized: int = 0
+    bias_corrected: int = 0
+    logit_error: float = 0.0
+    logit_shift: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -348,16 +355,25 @@ def _not_fused_reason(row: QuantizedNode, graph) -> str:
 
 
 def measure(fp32_session, int8_session, batches, limit: int | None) -> dict:
-    """Top-1 of both graphs against the labels and their agreement, in percent, over up to ``limit`` images."""
+    """Top-1 of both graphs against the labels and their agreement, in percent, over up to ``limit``
+    images; and how far the INT8 logits are from the fp32 ones, relative to the fp32 logits' spread
+    (their standard deviation over images and classes): ``logit_error``, the root mean square of the
+    difference, and ``logit_shift``, the mean over classes of |the difference's mean over images|
+    (the part of the error that bias correction removes)."""
     seen = fp32_right = int8_right = agree = 0
+    difference_sum = difference_squares = reference_sum = reference_squares = 0.0
     for images, labels in batches:
         if limit is not None:
             images, labels = images[: limit - seen], labels[: limit - seen]
         if len(images) == 0:
             break
         feed = {INPUT_NAME: images.float().numpy()}
-        a = fp32_session.run(None, feed)[0].argmax(axis=1)
-        b = int8_session.run(None, feed)[0].argmax(axis=1)
+        reference, quantized = fp32_session.run(None, feed)[0].astype(np.float64), int8_session.run(None, feed)[0].astype(np.float64)
+        a, b = reference.argmax(axis=1), quantized.argmax(axis=1)
+        difference_sum = difference_sum + (quantized - reference).sum(axis=0)
+        difference_squares += float(((quantized - reference) ** 2).sum())
+        reference_sum += float(reference.sum())
+        reference_squares += float((reference ** 2).sum())
         labels = np.asarray(labels)
         fp32_right += int((a == labels).sum())
         int8_right += int((b == labels).sum())
@@ -365,7 +381,11 @@ def measure(fp32_session, int8_session, batches, limit: int | None) -> dict:
         seen += len(images)
     if seen == 0:
         raise DscompressError("no test images to measure top-1 on; the dataset's test split is empty")
-    return {"images": seen, "fp32_top1": 100.0 * fp32_right / seen, "int8_top1": 100.0 * int8_right / seen, "agreement": 100.0 * agree / seen}
+    values = seen * len(difference_sum)
+    spread = max(np.sqrt(max(reference_squares / values - (reference_sum / values) ** 2, 0.0)), 1e-12)
+    return {"images": seen, "fp32_top1": 100.0 * fp32_right / seen, "int8_top1": 100.0 * int8_right / seen, "agreement": 100.0 * agree / seen,
+            "logit_error": float(np.sqrt(difference_squares / values) / spread),
+            "logit_shift": float(np.abs(difference_sum / seen).mean() / spread)}
 
 
 # --- quantizing ----------------------------------------------------------------------------------
@@ -389,6 +409,7 @@ def quantize_onnx(
     task: str = "classification",
     model_name: str = "the model",
     progress: Progress = QUIET,
+    reference: nn.Module | None = None,
 ) -> QuantizeRecord:
     """Export ``model``, quantize it to INT8 for ``config.runtime`` and measure it against fp32.
 
@@ -400,6 +421,8 @@ def quantize_onnx(
         config: data, runtime, calibration, exclusions and the accepted drop.
         metadata: extra ``metadata_props`` entries (e.g. the source artifact's manifest hash).
         task: the model's task; only classification is measured (segmentation is refused).
+        reference: the fp32 model the INT8 graph is measured against, where ``model`` is not it
+            (bias correction changes the fp32 function; equalization does not); default ``model``.
 
     Returns:
         The :class:`QuantizeRecord`; a graph over the drop is recorded there (``passed``), not raised.
@@ -416,28 +439,35 @@ def quantize_onnx(
     test = load_dataset(config.data, input_size, split="test")
     progress.start("quantize: export, calibrate, measure", 3)
     try:
-        record = _quantize(model, input_size, path, config, train, test, metadata, progress)
+        record = _quantize(model, input_size, path, config, train, test, metadata, progress, reference)
     finally:
         progress.stop()
     record.seconds = time.perf_counter() - started
     return record
 
 
+def _export_fp32(model: nn.Module, input_size: list[int], path: str, config: QuantizeConfig, metadata: dict | None) -> None:
+    exported = export_onnx(model, input_size, path, ExportConfig(opset=config.opset, providers=["cpu"]), metadata=metadata)
+    if exported.validation_status != "pass":
+        raise DscompressError(f"the fp32 graph does not match PyTorch ({exported.failure()}); see `dscompress export`")
+
+
 def _quantize(model: nn.Module, input_size: list[int], path: str, config: QuantizeConfig, train, test, metadata: dict | None,
-              progress: Progress) -> QuantizeRecord:
+              progress: Progress, reference: nn.Module | None = None) -> QuantizeRecord:
     threads = torch.get_num_threads()
     notes = []
     with tempfile.TemporaryDirectory(prefix="dscompress-quantize-") as work:
-        fp32 = os.path.join(work, "fp32.onnx")
-        exported = export_onnx(model, input_size, fp32, ExportConfig(opset=config.opset, providers=["cpu"]), metadata=metadata)
-        if exported.validation_status != "pass":
-            raise DscompressError(f"the fp32 graph does not match PyTorch ({exported.failure()}); see `dscompress export`")
+        fp32 = source = os.path.join(work, "fp32.onnx")
+        _export_fp32(model, input_size, fp32, config, metadata)
+        if reference is not None and reference is not model:
+            fp32 = os.path.join(work, "reference.onnx")
+            _export_fp32(reference, input_size, fp32, config, metadata)
         progress.advance(status="exported")
         prepared = os.path.join(work, "prepared.onnx")
-        reason = _preprocess(fp32, prepared)
+        reason = _preprocess(source, prepared)
         if reason:
             notes.append(f"quant_pre_process failed ({reason}); quantized the graph as exported")
-            prepared = fp32
+            prepared = source
         graph = onnx.load(prepared, load_external_data=False).graph
         names = module_names(graph)
         require_matches(config.exclude, list(dict.fromkeys(names.values())), "--exclude", kind="weighted layer")
@@ -466,7 +496,7 @@ def _quantize(model: nn.Module, input_size: list[int], path: str, config: Quanti
             calibrate_images=reader.count, test_images=scores["images"], fp32_top1=scores["fp32_top1"], int8_top1=scores["int8_top1"],
             drop=drop, agreement=scores["agreement"], max_drop=config.max_drop, fp32_bytes=os.path.getsize(fp32),
             int8_bytes=0, nodes=nodes, preprocessed=reason is None, reduce_range=reduces_range(config), kernels=kernels,
-            exclude=list(config.exclude), notes=notes,
+            exclude=list(config.exclude), notes=notes, logit_error=scores["logit_error"], logit_shift=scores["logit_shift"],
         )
         stamp(proto, {**{p.key: p.value for p in onnx.load(fp32, load_external_data=False).metadata_props},
                       "dscompress.precision": "int8", "dscompress.runtime": config.runtime,

@@ -13,6 +13,7 @@ import os
 
 from dscompress.artifact.format import WEIGHTS, Artifact
 from dscompress.artifact.source import Source, resolve
+from dscompress.compress.biascorrect import BiasCorrectConfig
 from dscompress.compress.calibrate import CalibrateConfig
 from dscompress.compress.convert import ConversionRecord, ConvertConfig
 from dscompress.compress.equalize import EqualizeConfig
@@ -34,7 +35,7 @@ from dscompress.deploy.bench import (
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.ort import read_onnx
 from dscompress.deploy.profile import ProfileConfig, profile
-from dscompress.deploy.quantize import QuantizeConfig, quantize_onnx
+from dscompress.deploy.quantize import QuantizeConfig, quantize_onnx, reduces_range
 from dscompress.deploy.validate import ValidateConfig, validate_onnx
 from dscompress.pipeline.registry import (
     STEPS,
@@ -120,16 +121,23 @@ def export_step(source: Source, config: ExportConfig, context: StepContext) -> S
 def quantize_step(source: Source, config: QuantizeConfig, context: StepContext) -> StepOutput:
     """Quantize MODEL to an INT8 ONNX graph with ONNX Runtime's quantizer and measure it against fp32.
 
-    With --equalize the depthwise-separable layers are equalized first (:mod:`dscompress.compress.equalize`).
-    Calibrates on the data's train split, measures top-1 of both graphs on its test split; a graph
-    that loses more than --max-drop points is kept as NAME.failed.onnx and the command fails.
+    With --equalize the depthwise-separable layers and conv -> conv pairs are equalized first
+    (:mod:`dscompress.compress.equalize`), with --bias-correction the convs' biases are then
+    corrected for their INT8 weights' mean error (:mod:`dscompress.compress.biascorrect`), the
+    fp32 graph measured being the model's own. Calibrates on the data's train split, measures
+    top-1 of both graphs on its test split; a graph that loses more than --max-drop points is kept
+    as NAME.failed.onnx and the command fails.
     """
-    model, equalized = source.model, None
+    model, equalized, corrected = source.model, None, None
     if config.equalize:
-        model, equalized = apply(model, EqualizeConfig(data=config.data, seed=config.seed), transform_context(source, context))
+        model, equalized = apply(model, EqualizeConfig(data=config.data, seed=config.seed, pairs=True), transform_context(source, context))
+    if config.bias_correction:
+        model, corrected = apply(model, BiasCorrectConfig(data=config.data, seed=config.seed, reduce_range=reduces_range(config),
+                                                          exclude=list(config.exclude)), transform_context(source, context))
     record = quantize_onnx(model, source.spec.input_size, context.out, config, force=context.force, metadata=_provenance(source),
-                           task=source.spec.task, model_name=source.label, progress=context.progress)
-    record.equalized = len(equalized.layers) if equalized else 0
+                           task=source.spec.task, model_name=source.label, progress=context.progress, reference=source.model)
+    record.equalized = len(equalized.layers) + len(equalized.pairs) if equalized else 0
+    record.bias_corrected = len(corrected.layers) if corrected else 0
     if source.artifact is not None:
         source.artifact.update_metrics(int8=record.summary())
     return StepOutput(record, artifact=source.artifact, failure=record.failure() or None)
