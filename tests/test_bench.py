@@ -2,6 +2,7 @@
 
 import json
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -176,3 +177,22 @@ def test_every_turn_settles_then_runs_once_untimed(monkeypatch):
     turns = [timed[i:i + 4] for i in range(0, len(timed), 4)]
     assert [turn[1][1] for turn in turns] == ["a", "b", "b", "a"]  # order reversed every other round
     assert all(turn[0] == ("pause", bench_module.SETTLE_S) and turn[1:] == [("run", turn[1][1])] * 3 for turn in turns), turns
+
+
+def test_an_int8_target_is_timed_as_its_qdq_graph_on_onnx_runtime(tmp_path, monkeypatch):
+    """An INT8 plan's model is timed on ONNX Runtime as its QDQ graph (PyTorch runs the float model)."""
+    exported = []
+    import dscompress.deploy.bench as bench_module
+
+    def spy(model, input_size, path, batches, config=None):
+        notes = int8_graph(model, input_size, path, batches, config)
+        exported.append({node.op_type for node in onnx.load(path).graph.node})
+        return notes
+
+    from dscompress.deploy.quantize import int8_graph
+
+    monkeypatch.setattr(bench_module, "int8_graph", spy)
+    records = bench([BenchTarget("tiny", SIZE, make_tiny(), precision="int8")], BenchConfig(batch_sizes=[1], warmup=1, iters=3))
+    by_runtime = {r.runtime: r for r in records if r.status == "ok"}
+    assert by_runtime["ort-cpu"].precision == "int8" and by_runtime["torch-cpu"].precision == "fp32"
+    assert len(exported) == 1 and "QuantizeLinear" in exported[0]  # the graph ONNX Runtime timed

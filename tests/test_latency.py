@@ -71,8 +71,8 @@ def test_the_profilers_own_cost_is_not_charged_to_the_layers(tmp_path):
     negative). Layer times are scaled to the time measured without the profiler, so the same
     profiles with every layer 1.5x slower give the same table."""
     class Inflated(Timer):
-        def layer_times(self, model, input_size):
-            measured = super().layer_times(model, input_size)
+        def layer_times(self, model, input_size, precision="fp32"):
+            measured = super().layer_times(model, input_size, precision)
             return {"total": measured["total"], "layers": {k: 1.5 * v for k, v in measured["layers"].items()}}
 
     cache = str(tmp_path / "latency.json")
@@ -82,6 +82,19 @@ def test_the_profilers_own_cost_is_not_charged_to_the_layers(tmp_path):
     assert 0 <= table.rest_ms < table.total_ms
     assert inflated.rest_ms == pytest.approx(table.rest_ms, abs=1e-4)
     assert [layer.ms for layer in inflated.layers] == [pytest.approx(layer.ms, abs=1e-4) for layer in table.layers]
+
+
+def test_int8_columns_are_the_models_qdq_graph(tmp_path):
+    """With ``precisions=("fp32", "int8")`` every candidate is also timed as ONNX Runtime's QDQ
+    graph of the model built with it (``rank-1+int8``), with its own whole-model total and rest."""
+    timer = Timer("ort-cpu", threads=1, cache=str(tmp_path / "latency.json"), iters=5)
+    table = latency_table(make_tiny(), SIZE, timer=timer, ranks=(1,), prune_ratios=(), precisions=("fp32", "int8"))
+    assert table.precisions == ["fp32", "int8"] and set(table.totals) == {"fp32", "int8"}
+    for layer in table.layers:
+        assert set(layer.ms) == {"dense", "rank-1", "dense+int8", "rank-1+int8"} and all(v > 0 for v in layer.ms.values())
+    assert timer.key(make_tiny(), SIZE, "int8") != timer.key(make_tiny(), SIZE)
+    dense = {layer.name: "dense" for layer in table.layers}
+    assert table.predict(dense, "int8") == pytest.approx(table.totals["int8"], rel=1e-6)
 
 
 @pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="no /proc/cpuinfo to compare with")

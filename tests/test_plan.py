@@ -190,8 +190,12 @@ def test_convert_with_the_plan_rebuilds_the_planned_model_bitwise(planned_artifa
         (["--macs-budget", "0.01"], ["cannot reach 0.01"]),
         (["--speedup", "2", "--num-classes", "7"], ["10 classes", "7 outputs"]),
         (["--speedup", "2", "--runtime", "ort-cuda"], ["ort-cuda", "cannot run here"]),
+        (["--speedup", "2", "--runtime", "torch-cpu", "--precisions", "int8"], ["--precision", "torch-cpu runs fp32", "not int8"]),
+        (["--speedup", "2", "--precisions", "fp32,fp8"], ["--precisions", "unknown precision 'fp8'"]),
+        (["--macs-budget", "0.5", "--precisions", "int8"], ["--precisions", "int8 changes time, not MACs"]),
     ],
-    ids=["unknown-runtime", "two-targets", "unreachable", "class-mismatch", "runtime-not-here"],
+    ids=["unknown-runtime", "two-targets", "unreachable", "class-mismatch", "runtime-not-here", "precision-not-on-runtime",
+         "unknown-precision", "int8-with-macs"],
 )
 def test_bad_input_is_one_line(args, facts, tmp_path):
     if "ort-cuda" in args and torch.cuda.is_available():
@@ -203,6 +207,13 @@ def test_bad_input_is_one_line(args, facts, tmp_path):
     line = error_line(CliRunner().invoke(cli, base + args))
     assert all(fact in line for fact in facts), line
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_mac_budget_plans_in_fp32_and_a_latency_budget_over_the_runtimes_precisions():
+    assert PlanConfig(macs_budget=0.5).planned_precisions() == ["fp32"]
+    assert PlanConfig(speedup=2).planned_precisions() == ["fp32", "int8"]  # ort-cpu, the default runtime
+    assert PlanConfig(speedup=2, runtime="torch-cpu").planned_precisions() == ["fp32"]
+    assert PlanConfig(speedup=2, precisions=["int8", "int8"]).planned_precisions() == ["int8"]
 
 
 def _all_damages(model, size, graph, screen=False, costs=None, tmp_cache=None):
@@ -254,8 +265,8 @@ def test_screening_skips_only_options_far_behind_at_their_cost(tmp_path, monkeyp
     units = find_units(model, size, calls, graph=graph)
     options = [unit_options(u, calls, [1, 2], [0.5]) for u in units]
     costs = [[count_options_cost(o) for o in unit] for unit in options]
-    (damages, _, _, counts), _ = _all_damages(model, size, graph, screen=True, costs=costs)
-    (every, _, _, _), _ = _all_damages(model, size, graph, screen=False, costs=costs)
+    (damages, _, _, counts), _ = _all_damages(model, size, graph, screen=True, costs=[costs])
+    (every, _, _, _), _ = _all_damages(model, size, graph, screen=False, costs=[costs])
     assert counts["slower"] > 0 and counts["screened"] > 0 and counts["measured"] > 0
     assert counts["measured"] + counts["screened"] + counts["slower"] == sum(len(u) - 1 for u in options)
     for unit_costs, screened, measured in zip(costs, damages, every):

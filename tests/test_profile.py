@@ -69,6 +69,19 @@ def test_resnet18_names_every_conv_through_onnx_runtime_fusions():
     assert 3 < record.bound_speedup
 
 
+def test_int8_profile_names_every_conv_of_the_qdq_graph():
+    """An INT8 profile times ONNX Runtime's QDQ graph of the model; its convs (INT8 weights behind
+    DequantizeLinear, fused into QLinearConv) keep their module names."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    record = profile(model, SIZE, ProfileConfig(precision="int8", **FAST))
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    names = {layer.name for layer in record.layers}
+    assert record.precision == "int8" and convs <= names, convs - names
+    assert record.total_ms > 0 and any("INT8" in note for note in record.notes)
+
+
 def test_cli_json_report_and_unavailable_runtimes(tmp_path):
     runner = CliRunner()
     folder = str(tmp_path / "tiny")
@@ -96,3 +109,5 @@ def test_config():
         ProfileConfig(iters=0)
     with pytest.raises(DscompressError, match="--plot.*p.svg"):
         ProfileConfig(plot="p.svg")
+    with pytest.raises(DscompressError, match="--precision.*torch-cpu runs fp32 here, not int8"):
+        ProfileConfig(runtime="torch-cpu", precision="int8")

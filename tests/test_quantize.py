@@ -205,3 +205,56 @@ def test_a_recipe_quantizes_its_model_and_records_it(tmp_path):
     assert [s.status for s in result.steps] == ["done", "done"]
     assert (tmp_path / "run" / "int8" / "model.onnx").exists()
     assert Artifact.open(str(tmp_path / "run" / "baseline")).metrics["int8"]["passed"]
+
+
+def test_an_int8_plan_is_checked_against_int8_alone_and_exported_as_its_qdq_graph(base, tmp_path):
+    """A plan over INT8 measures every INT8 candidate's damage on ONNX Runtime, INT8 alone among
+    them; `export` of the INT8 plan writes its QDQ graph, calibrated on the plan's own images
+    (the same graph each time), measured against fp32, and `validate` passes it on agreement."""
+    planned = tmp_path / "planned"
+    result = invoke("plan", base, "--data", "digits", "--latency-ms", "1000", "--precisions", "fp32,int8", "--batches", "2",
+                    "--batch-size", "16", "--held-out", "32", "--ranks", "1", "--prune-ratios", "0.5", "--round-to", "4",
+                    "-o", planned, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    by_label = {c["label"]: c for c in record["candidates"]}
+    assert {"plan", "plan+int8", "uniform rank-1", "uniform rank-1+int8"} <= set(by_label), sorted(by_label)
+    assert all(c["precision"] == ("int8" if "int8" in c["label"] else "fp32") for c in record["candidates"])
+    assert by_label["plan"]["damage"] == 0  # a budget this loose keeps every layer dense in fp32: nothing is lost
+    int8 = [c for c in record["candidates"] if c["precision"] == "int8"]
+    assert all(c["damage"] > 0 for c in int8)  # rounding costs something, measured on the QDQ graph
+    assert record["precision"] == "fp32" and record["int8_calibration"] is None
+
+    # the same, INT8 only: the plan is INT8, and says how its graph was calibrated
+    int8_planned = tmp_path / "int8-planned"
+    result = invoke("plan", base, "--data", "digits", "--latency-ms", "1000", "--precisions", "int8", "--batches", "2",
+                    "--batch-size", "16", "--held-out", "32", "--ranks", "1", "--prune-ratios", "0.5", "--round-to", "4",
+                    "-o", int8_planned, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    chosen = next(c for c in record["candidates"] if c["chosen"])
+    assert record["precision"] == "int8" and chosen["precision"] == "int8"
+    assert chosen["damage"] == min(c["damage"] for c in record["candidates"])
+    assert record["int8_calibration"] == {"data": "digits", "batches": 2, "batch_size": 16, "seed": 0, "images": 32, "method": "minmax"}
+    assert 0 <= record["top1_after"] <= 100
+
+    graphs = []
+    for name in ("a.onnx", "b.onnx"):
+        result = invoke("export", int8_planned, "-o", tmp_path / name, "--json")
+        assert result.exit_code == 0, result.output
+        exported = json.loads(result.stdout)
+        assert exported["passed"] and exported["calibrate_images"] == 32 and exported["int8_top1"] is not None
+        proto = onnx.load(str(tmp_path / name))
+        assert {p.key: p.value for p in proto.metadata_props}["dscompress.precision"] == "int8"
+        assert "QuantizeLinear" in {n.op_type for n in proto.graph.node}
+        graphs.append(proto.graph.SerializeToString())
+    assert graphs[0] == graphs[1]  # rebuilt from the plan's record alone, bitwise
+    result = invoke("validate", tmp_path / "a.onnx", "--against", int8_planned, "--data", "digits", "--data-limit", "128", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] == "pass"
+    line = error_line(invoke("validate", tmp_path / "a.onnx", "--against", int8_planned))
+    assert "INT8 graph" in line and "--data" in line
+    result = invoke("export", int8_planned, "--precision", "fp32", "-o", tmp_path / "fp32.onnx", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["validation_status"] == "pass", result.output
+    line = error_line(invoke("export", base, "--precision", "int8", "-o", tmp_path / "c.onnx"))
+    assert "plan chose INT8" in line and "dscompress quantize" in line

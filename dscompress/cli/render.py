@@ -325,7 +325,7 @@ def _bench(results: BenchResults) -> list:
     for r in sorted(records, key=lambda r: (r.batch_size, r.runtime)):
         if r.status != "ok":
             continue
-        shown.add_row(r.target, r.runtime, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+        shown.add_row(r.target, r.runtime + (f" {r.precision}" if r.precision != "fp32" else ""), str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
                       f"{r.images_per_s:,.1f}", ratio(r.p50_ms, first[r.runtime, r.batch_size]))
     lines = []
     unusable = sorted({(r.runtime, r.status, r.reason) for r in records if r.status != "ok"})
@@ -341,7 +341,7 @@ def _bench(results: BenchResults) -> list:
 
 @renders(ProfileRecord)
 def _profile(record: ProfileRecord) -> list:
-    shown = table(f"per-layer time on {record.runtime} ({record.device}), batch {record.batch_size}, "
+    shown = table(f"per-layer time on {record.runtime}{' INT8 (QDQ)' if record.precision == 'int8' else ''} ({record.device}), batch {record.batch_size}, "
                   f"{'x'.join(map(str, record.input_size))}, {record.threads} thread(s); median over runs",
                   ["layer", "op", "ms", "share", "MACs", "GMAC/s", "convertible"], left=("layer", "op"))
     for layer in record.layers:
@@ -382,8 +382,14 @@ def _plan(record: PlanRecord) -> list:
     if record.options_measured is not None:
         lines.append(f"options' damage measured: {record.options_measured} on all held-out images, {record.options_screened} on the first "
                      f"batch only (far behind another at no more cost), {record.options_slower} not at all (predicted no faster than dense)")
+    if record.precision != "fp32":
+        images = (record.int8_calibration or {}).get("images")
+        lines.append(f"precision: {record.precision}, ONNX Runtime's QDQ graph of the plan"
+                     + (f" calibrated on {images} of the calibration images" if images else "")
+                     + "; `export` writes it so (--precision fp32: the float graph)")
     if record.top1_before is not None:
-        lines.append(f"top-1 on the test split: {record.top1_before:.2f}% original -> {record.top1_after:.2f}% planned and calibrated, no training")
+        lines.append(f"top-1 on the test split: {record.top1_before:.2f}% original -> {record.top1_after:.2f}% planned and calibrated"
+                     f"{' (its INT8 graph on ONNX Runtime)' if record.precision == 'int8' else ''}, no training")
     checked = [c for c in record.candidates if c.damage is not None]
     if len(checked) > 1:
         lines.append("checked as whole models, calibrated: " + "; ".join(

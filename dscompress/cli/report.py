@@ -15,6 +15,7 @@ from dscompress.deploy.bench import HEADLINE_ORDER
 from dscompress.deploy.profile import ProfileRecord
 from dscompress.nn.metrics import count_macs, count_params
 from dscompress.pipeline.runstate import is_run, run_models
+from dscompress.pipeline.steps import planned_int8
 
 # (metric key, column title, format); a column is shown when any row has the metric.
 COLUMNS = [
@@ -25,6 +26,7 @@ COLUMNS = [
     ("params", "params", "{:,}"),
     ("macs", "MACs", "{:,}"),
     ("size_bytes", "size MB", None),
+    ("precision", "precision", "{}"),  # an INT8 plan's: its ONNX Runtime latency is its QDQ graph's
     ("onnx_check", "ONNX", None),  # from `dscompress export`: metrics["onnx"]["validation"]
 ]
 
@@ -75,6 +77,7 @@ def _row(artifact: Artifact) -> dict:
         "model": artifact.spec.name,
         "task": artifact.spec.task,
         "steps": [s["step"] for s in artifact.steps],
+        "precision": "int8" if planned_int8(artifact) is not None else "fp32",
         **metrics,
     }
     for runtime, batch, p50 in _latencies(metrics):
@@ -156,6 +159,8 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
 
 def _columns(rows: list[dict]) -> list[tuple[str, str, str | None]]:
     columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    if all(r.get("precision", "fp32") == "fp32" for r in rows):
+        columns = [c for c in columns if c[0] != "precision"]
     latency_keys = sorted({k for r in rows for k in r if k.startswith("p50:") and not k.endswith("_ratio")})
     onnx = [c for c in columns if c[0] == "onnx_check"]
     columns = [c for c in columns if c[0] != "onnx_check"]

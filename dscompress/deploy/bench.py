@@ -36,6 +36,7 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, free_cpus, torch_threads
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.ort import onnx_input_shape, open_session, ort_name, parse_providers, read_onnx, resolve_providers
+from dscompress.deploy.quantize import int8_graph
 from dscompress.deploy.validate import check_batch_sizes
 
 BenchStatus = Literal["ok", "unavailable", "skipped"]
@@ -92,6 +93,9 @@ class BenchTarget:
         label: the name shown in tables.
         input_size: (C, H, W) of one image.
         artifact: the artifact the model came from; the results are stored in its metrics.
+        precision: ``int8`` for a model deployed as its QDQ graph (an INT8 plan): ONNX Runtime
+            times that graph (ranges from random images: they do not change its speed), PyTorch
+            the float model.
     """
 
     label: str
@@ -99,6 +103,7 @@ class BenchTarget:
     model: nn.Module | None = None
     onnx_path: str | None = None
     artifact: object | None = None
+    precision: str = "fp32"
 
 
 @dataclass
@@ -124,6 +129,7 @@ class BenchRecord(Record):
     torch_threads: int | None = None
     ort_threads: int | None = None
     block_spread: float | None = None  # slowest block's median / fastest block's
+    precision: str = "fp32"  # the graph's: int8 for an INT8 plan's QDQ graph on ONNX Runtime
 
 
 @dataclass
@@ -309,7 +315,11 @@ def _export_missing(targets: list[BenchTarget], folder: str, exporter: str) -> d
             path = os.path.join(folder, f"target{i}.onnx")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                export_onnx(target.model, target.input_size, path, ExportConfig(exporter=exporter, validate=False))
+                if target.precision == "int8":
+                    images = np.random.default_rng(0).standard_normal((8, *target.input_size), dtype=np.float32)
+                    int8_graph(target.model, target.input_size, path, [images])
+                else:
+                    export_onnx(target.model, target.input_size, path, ExportConfig(exporter=exporter, validate=False))
             paths[target.label] = path
     return paths
 
@@ -394,6 +404,7 @@ def _bench_batch(targets, batch_size, config, models, cuda_models, sessions, unu
             warmup=config.warmup,
             torch_threads=threads if runner.runtime.startswith("torch") else None,
             ort_threads=runner.ort_threads,
+            precision=runner.target.precision if runner.runtime.startswith("ort") else "fp32",
         )
         _percentiles(record, runner.samples)
         blocks = [np.median(runner.samples[i : i + config.block]) for i in range(0, len(runner.samples), config.block)]

@@ -69,6 +69,9 @@ class ExportConfig(StepConfig):
         "auto", "auto: torch.export, falling back to TorchScript with a warning; dynamo: fail instead; torchscript."
     )
     validate: bool = option(True, "Compare the graph with the PyTorch model on ONNX Runtime before it is called exported.")
+    precision: Literal["auto", "fp32", "int8"] = option(
+        "auto", "auto: the artifact's plan's (an INT8 plan is written as its QDQ graph, calibrated on the plan's images and measured "
+                "as `quantize` measures it); fp32; int8: the plan's INT8 graph (other models: `dscompress quantize`).")
     providers: list[str] = option(
         factory=lambda: ["auto"], help="Providers to validate on: cpu, cuda, tensorrt (comma-separated) or auto (every one that runs here)."
     )

@@ -45,11 +45,15 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.util import QUIET, Progress, eval_mode, model_device
 from dscompress.deploy.export import ExportConfig, export_onnx
 from dscompress.deploy.ort import open_session
+from dscompress.deploy.quantize import QuantizeConfig, int8_graph
 from dscompress.nn.layers import DepthwiseSeparableConv2d, SplitDepthwiseSeparable, named_layers, skip_reason
 from dscompress.nn.metrics import count_macs
 
 Runtime = Literal["ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda"]
 RUNTIMES = ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda")
+Precision = Literal["fp32", "int8"]
+# The precisions each runtime is timed at here (ort-trt runs fp16; its INT8 needs a GPU run, benchmarks/gpu.sh).
+PRECISIONS = {"ort-cpu": ("fp32", "int8"), "ort-cuda": ("fp32",), "ort-trt": ("fp32",), "torch-cpu": ("fp32",), "torch-cuda": ("fp32",)}
 ORT_PROVIDERS = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}
 
 
@@ -63,16 +67,26 @@ class ProfileConfig(StepConfig):
         "ort-cpu", "ort-cpu, ort-cuda, ort-trt (TensorRT in fp16), torch-cpu or torch-cuda; one that cannot run here is an error."
     )
     batch_size: int = option(1, "Images per run.")
+    precision: Precision = option("fp32", "int8: time the QDQ graph ONNX Runtime's quantizer makes of the model (per-channel, as `quantize` "
+                                          "writes it, calibrated on random images: ranges do not change its speed); ort-cpu only.")
     warmup: int = option(5, "Untimed runs first (engine builds, cuDNN search, memory pools).")
     iters: int = option(30, "Timed runs: each layer's time is its median over them.")
     plot: str | None = option(None, "Also draw the per-layer times to this PNG.", metavar="FILE.png")
 
     def check(self):
+        check_precision(self.runtime, self.precision)
         check_range("batch_size", self.batch_size, low=1)
         check_range("warmup", self.warmup, low=0)
         check_range("iters", self.iters, low=1)
         if self.plot is not None and not self.plot.endswith(".png"):
             raise ConfigError("plot", f"must name a .png file, got {self.plot!r}")
+
+
+def check_precision(runtime: str, precision: str) -> None:
+    """One line when ``runtime`` is not timed at ``precision`` here."""
+    if runtime in PRECISIONS and precision not in PRECISIONS[runtime]:
+        raise ConfigError("precision", f"{runtime} runs {', '.join(PRECISIONS[runtime])} here, not {precision}"
+                          + (" (TensorRT's INT8 is measured by benchmarks/gpu.sh where a GPU is lent)" if runtime == "ort-trt" else ""))
 
 
 @dataclass
@@ -113,6 +127,7 @@ class ProfileRecord(Record):
     convertible_ms: float
     bound_speedup: float
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
 
     @property
     def unattributed_ms(self) -> float:
@@ -174,6 +189,11 @@ class NodeModules:
     def _module(self, node) -> str:
         if node.op_type in _WEIGHTED and len(node.input) > 1:
             weight = node.input[1]
+            producer = self.producer.get(weight)
+            if producer is not None and producer.op_type == "DequantizeLinear" and producer.input[0] in self.initializers:
+                weight = producer.input[0].removesuffix("_quantized")  # a QDQ graph's INT8 weight
+                if weight.endswith(".weight"):
+                    return weight[: -len(".weight")]
             if weight in self.initializers and weight.endswith(".weight") and not weight.startswith("onnx::"):
                 return weight[: -len(".weight")]
         metadata = {p.key: p.value for p in node.metadata_props}
@@ -264,7 +284,11 @@ def _ort_profile(model: nn.Module, input_size, config: ProfileConfig, threads: i
         path = os.path.join(tmp, "model.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_onnx(model, input_size, path, ExportConfig(validate=False, fp16=fp16))
+            if config.precision == "int8":
+                calibration = np.random.default_rng(0).standard_normal((8, *input_size), dtype=np.float32)
+                int8_graph(model, input_size, path, [calibration], QuantizeConfig(runtime="ort-cpu"))
+            else:
+                export_onnx(model, input_size, path, ExportConfig(validate=False, fp16=fp16))
         session, reason = open_session(path, provider, threads=threads, fp16=fp16)
         if session is None:
             raise DscompressError(f"--runtime {config.runtime} cannot run here: {reason}")
@@ -412,6 +436,8 @@ def profile(model: nn.Module, input_size, config: ProfileConfig | None = None, p
         ))
     convertible = sum(layer.ms for layer in layers if layer.convertible)
     notes = []
+    if config.precision == "int8":
+        notes.append("INT8: a QLinearConv's time includes its requantization; Q/DQ nodes at float boundaries are timed on their own (under (model))")
     if config.runtime.startswith("ort"):
         notes.append("a fused Conv's time includes its BatchNorm, activation and residual add; <layout change> is ONNX Runtime's NCHWc reordering")
     else:
@@ -428,4 +454,5 @@ def profile(model: nn.Module, input_size, config: ProfileConfig | None = None, p
         convertible_ms=round(convertible, 4),
         bound_speedup=round(layer_sum / (layer_sum - convertible), 3) if layer_sum > convertible else float("inf"),
         notes=notes,
+        precision=config.precision,
     )

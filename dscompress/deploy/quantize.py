@@ -232,23 +232,28 @@ def module_names(graph) -> dict[str, str]:
 # --- calibration ---------------------------------------------------------------------------------
 
 
-def calibration_reader(dataset, images: int, seed: int):
-    """ONNX Runtime's ``CalibrationDataReader`` over ``images`` train images drawn with ``seed``
-    (all of them when there are fewer), in batches of :data:`CALIBRATION_BATCH`."""
+def batches_reader(batches):
+    """ONNX Runtime's ``CalibrationDataReader`` over image batches (tensors or arrays, N x C x H x W)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            count = min(images, len(dataset))
-            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-            loader = make_loader(torch.utils.data.Subset(dataset, chosen), CALIBRATION_BATCH)
-            self.batches = iter([{INPUT_NAME: x.float().numpy()} for x, _ in loader])
-            self.count = count
+            arrays = [x.float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32) for x in batches]
+            self.batches = iter([{INPUT_NAME: x} for x in arrays])
+            self.count = sum(len(x) for x in arrays)
 
         def get_next(self):
             return next(self.batches, None)
 
     return Reader()
+
+
+def calibration_reader(dataset, images: int, seed: int):
+    """:func:`batches_reader` over ``images`` train images drawn with ``seed`` (all of them when
+    there are fewer), in batches of :data:`CALIBRATION_BATCH`."""
+    count = min(images, len(dataset))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return batches_reader([x for x, _ in make_loader(torch.utils.data.Subset(dataset, chosen), CALIBRATION_BATCH)])
 
 
 def cpu_has_vnni() -> bool:
@@ -298,6 +303,25 @@ def _preprocess(source: str, target: str) -> str | None:
     except Exception as e:  # noqa: BLE001 - shape inference and the optimizer raise many kinds
         return first_line(e)[:300]
     return None
+
+
+def int8_graph(model: nn.Module, input_size, path: str, batches, config: QuantizeConfig | None = None) -> list[str]:
+    """Write ``model``'s QDQ INT8 graph to ``path`` as :func:`quantize_onnx` makes it (exported,
+    pre-processed, quantized for ``config.runtime``), calibrated on image ``batches``, without
+    validating or measuring it: what a plan times and measures its INT8 candidates with. Returns
+    notes (a pre-processing that failed)."""
+    config = config or QuantizeConfig()
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="dscompress-int8-") as work:
+        source = os.path.join(work, "fp32.onnx")
+        export_onnx(model, list(input_size), source, ExportConfig(opset=config.opset, validate=False))
+        prepared = os.path.join(work, "prepared.onnx")
+        reason = _preprocess(source, prepared)
+        if reason:
+            notes.append(f"quant_pre_process failed ({reason}); quantized the graph as exported")
+            prepared = source
+        _quantize_static(prepared, path, batches_reader(batches), config, [])
+    return notes
 
 
 # --- what was quantized --------------------------------------------------------------------------
@@ -410,6 +434,7 @@ def quantize_onnx(
     model_name: str = "the model",
     progress: Progress = QUIET,
     reference: nn.Module | None = None,
+    calibration: list[torch.Tensor] | None = None,
 ) -> QuantizeRecord:
     """Export ``model``, quantize it to INT8 for ``config.runtime`` and measure it against fp32.
 
@@ -423,6 +448,8 @@ def quantize_onnx(
         task: the model's task; only classification is measured (segmentation is refused).
         reference: the fp32 model the INT8 graph is measured against, where ``model`` is not it
             (bias correction changes the fp32 function; equalization does not); default ``model``.
+        calibration: image batches (N, C, H, W) to calibrate on instead of ``config.calibrate_images``
+            drawn from the train split (a plan's: its INT8 graph is rebuilt from the images it was measured with).
 
     Returns:
         The :class:`QuantizeRecord`; a graph over the drop is recorded there (``passed``), not raised.
@@ -439,7 +466,7 @@ def quantize_onnx(
     test = load_dataset(config.data, input_size, split="test")
     progress.start("quantize: export, calibrate, measure", 3)
     try:
-        record = _quantize(model, input_size, path, config, train, test, metadata, progress, reference)
+        record = _quantize(model, input_size, path, config, train, test, metadata, progress, reference, calibration)
     finally:
         progress.stop()
     record.seconds = time.perf_counter() - started
@@ -453,7 +480,7 @@ def _export_fp32(model: nn.Module, input_size: list[int], path: str, config: Qua
 
 
 def _quantize(model: nn.Module, input_size: list[int], path: str, config: QuantizeConfig, train, test, metadata: dict | None,
-              progress: Progress, reference: nn.Module | None = None) -> QuantizeRecord:
+              progress: Progress, reference: nn.Module | None = None, calibration: list[torch.Tensor] | None = None) -> QuantizeRecord:
     threads = torch.get_num_threads()
     notes = []
     with tempfile.TemporaryDirectory(prefix="dscompress-quantize-") as work:
@@ -472,7 +499,7 @@ def _quantize(model: nn.Module, input_size: list[int], path: str, config: Quanti
         names = module_names(graph)
         require_matches(config.exclude, list(dict.fromkeys(names.values())), "--exclude", kind="weighted layer")
         excluded = {node for node, module in names.items() if matches_any(module, config.exclude)}
-        reader = calibration_reader(train, config.calibrate_images, config.seed)
+        reader = batches_reader(calibration) if calibration is not None else calibration_reader(train, config.calibrate_images, config.seed)
         int8 = os.path.join(work, "int8.onnx")
         _quantize_static(prepared, int8, reader, config, sorted(excluded))
         progress.advance(status=f"calibrated on {reader.count} images")

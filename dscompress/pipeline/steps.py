@@ -14,7 +14,7 @@ import os
 from dscompress.artifact.format import WEIGHTS, Artifact
 from dscompress.artifact.source import Source, resolve
 from dscompress.compress.biascorrect import BiasCorrectConfig
-from dscompress.compress.calibrate import CalibrateConfig
+from dscompress.compress.calibrate import CalibrateConfig, calibration_batches
 from dscompress.compress.convert import ConversionRecord, ConvertConfig
 from dscompress.compress.equalize import EqualizeConfig
 from dscompress.compress.prune import PruneConfig
@@ -103,12 +103,31 @@ def _provenance(source: Source) -> dict:
     return metadata
 
 
+def planned_int8(artifact: Artifact | None) -> dict | None:
+    """How the artifact's latest plan calibrated its INT8 graph (data, batches, batch_size, seed),
+    where that plan chose INT8; None otherwise."""
+    for step in reversed(artifact.steps if artifact is not None else []):
+        if step.get("step") == "plan":
+            record = step.get("record") or {}
+            return record.get("int8_calibration") if record.get("precision") == "int8" else None
+    return None
+
+
 def export_step(source: Source, config: ExportConfig, context: StepContext) -> StepOutput:
     """Export MODEL to ONNX and validate it on ONNX Runtime.
 
-    The graph's metadata names the artifact it came from (:func:`_provenance`).
+    The graph's metadata names the artifact it came from (:func:`_provenance`). An artifact whose
+    plan chose INT8 (and ``--precision int8``) is written as that plan's QDQ graph: the model as
+    it is now (fine-tuned since, perhaps), quantized as the plan measured it, on the plan's own
+    calibration images, and measured against fp32 on the test split as `quantize` does.
     """
     artifact = source.artifact
+    calibration = planned_int8(artifact)
+    if config.precision == "int8" and calibration is None:
+        raise DscompressError("--precision int8 exports an artifact whose plan chose INT8; "
+                              "quantize any other model with `dscompress quantize MODEL --data SPEC`")
+    if calibration is not None and config.precision != "fp32":
+        return _export_planned_int8(source, config, context, calibration)
     record = export_onnx(source.model, source.spec.input_size, context.out, config, force=context.force, metadata=_provenance(source))
     if artifact is not None:
         artifact.update_metrics(onnx=record.summary())
@@ -116,6 +135,23 @@ def export_step(source: Source, config: ExportConfig, context: StepContext) -> S
     if record.validation_status in ("fail", "unavailable"):
         failure = f"validation {record.validation_status}: {record.failure()}; the graph is kept at {record.path}, not at {record.requested_path}"
     return StepOutput(record, artifact=artifact, failure=failure)
+
+
+def _export_planned_int8(source: Source, config: ExportConfig, context: StepContext, calibration: dict) -> StepOutput:
+    if not calibration.get("data"):
+        raise DscompressError("the plan's INT8 calibration images came from the Python caller, not --data: "
+                              "quantize with `dscompress quantize MODEL --data SPEC`, or export --precision fp32")
+    images = calibration_batches(calibration["data"], source.spec.input_size, calibration["batches"], calibration["batch_size"],
+                                 calibration["seed"])
+    quantize_config = QuantizeConfig(data=calibration["data"], opset=config.opset, seed=calibration["seed"])
+    record = quantize_onnx(source.model, source.spec.input_size, context.out, quantize_config, force=context.force,
+                           metadata=_provenance(source), task=source.spec.task, model_name=source.label, progress=context.progress,
+                           calibration=images)
+    record.notes.append(f"INT8 as planned: calibrated on the plan's {sum(len(x) for x in images)} images of {calibration['data']} "
+                        "(--precision fp32 writes the float graph)")
+    if source.artifact is not None:
+        source.artifact.update_metrics(int8=record.summary())
+    return StepOutput(record, artifact=source.artifact, failure=record.failure() or None)
 
 
 def quantize_step(source: Source, config: QuantizeConfig, context: StepContext) -> StepOutput:
@@ -161,6 +197,9 @@ def validate_step(source: Source, config: ValidateConfig, context: StepContext) 
 def bench_step(source: Source | None, config: BenchConfig, context: StepContext) -> StepOutput:
     """Latency and throughput of models side by side, on PyTorch and ONNX Runtime."""
     targets = load_targets(list(context.targets), context.load)
+    for target in targets:
+        if planned_int8(target.artifact) is not None:
+            target.precision = "int8"
     records = bench(targets, config, context.progress)
     _store_latency(targets, records, config)
     return StepOutput(BenchResults(machine(), records, contention_notes(records)))

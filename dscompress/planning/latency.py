@@ -100,27 +100,28 @@ class Timer:
         }
         self.cache = JsonCache(self.cache_path)
 
-    def key(self, model: nn.Module, input_size) -> str:
-        text = json.dumps({**self.context, "architecture": architecture(model), "input": list(input_size)}, sort_keys=True)
+    def key(self, model: nn.Module, input_size, precision: str = "fp32") -> str:
+        extra = {} if precision == "fp32" else {"precision": precision}  # fp32 keys as before precisions were timed
+        text = json.dumps({**self.context, **extra, "architecture": architecture(model), "input": list(input_size)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    def layer_times(self, model: nn.Module, input_size) -> dict:
+    def layer_times(self, model: nn.Module, input_size, precision: str = "fp32") -> dict:
         """``{"total": ms, "layers": {name: ms}}``: the model's time (no profiler) and each layer's
-        inside it (cached)."""
-        key = self.key(model, input_size)
+        inside it (cached), at ``precision`` (``int8``: its QDQ graph)."""
+        key = self.key(model, input_size, precision)
         if key not in self.cache:
             with torch_threads(self.threads):
-                record = profile(model, input_size, self.config())
+                record = profile(model, input_size, self.config(precision))
             self.cache[key] = {"total": record.total_ms, "layers": {layer.name: layer.ms for layer in record.layers}}
         return self.cache[key]
 
-    def time_module(self, model: nn.Module, input_size) -> float:
+    def time_module(self, model: nn.Module, input_size, precision: str = "fp32") -> float:
         """The model's median ms per run, measured now (not cached, no profiler): for checking a prediction."""
         with torch_threads(self.threads):
-            return time_model(model, input_size, self.config())
+            return time_model(model, input_size, self.config(precision))
 
-    def config(self) -> ProfileConfig:
-        return ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters)
+    def config(self, precision: str = "fp32") -> ProfileConfig:
+        return ProfileConfig(runtime=self.runtime, batch_size=self.batch_size, warmup=self.warmup, iters=self.iters, precision=precision)
 
     def save(self) -> None:
         self.cache.save()
@@ -156,14 +157,24 @@ class LatencyRecord(Record):
     total_ms: float
     rest_ms: float
     layers: list[LayerLatency] = field(default_factory=list)
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    totals: dict[str, float] = field(default_factory=dict)  # the dense model's ms by precision (fp32's is total_ms)
+    rests: dict[str, float] = field(default_factory=dict)  # and its rest beside the layers, by precision
 
-    def predict(self, chosen: dict[str, str] | None = None) -> float:
-        """The whole model's ms with a candidate per layer (:func:`~dscompress.compress.units.candidate_name` by layer name; others dense)."""
+    def predict(self, chosen: dict[str, str] | None = None, precision: str = "fp32") -> float:
+        """The whole model's ms at ``precision`` with a candidate per layer
+        (:func:`~dscompress.compress.units.candidate_name` by layer name; others dense)."""
         chosen = chosen or {}
-        return self.rest_ms + sum(layer.ms[chosen.get(layer.name, "dense")] for layer in self.layers)
+        rest = self.rests.get(precision, self.rest_ms)
+        return rest + sum(layer.ms[at_precision(chosen.get(layer.name, "dense"), precision)] for layer in self.layers)
 
     def layer(self, name: str) -> LayerLatency:
         return next(layer for layer in self.layers if layer.name == name)
+
+
+def at_precision(candidate: str, precision: str) -> str:
+    """A latency table's key of a candidate at a precision: ``rank-2``, ``rank-2+int8``."""
+    return candidate if precision == "fp32" else f"{candidate}+{precision}"
 
 
 def latency_table(
@@ -178,6 +189,7 @@ def latency_table(
     progress: Progress = QUIET,
     *,
     graph: ModelGraph | None = None,
+    precisions: Iterable[str] = ("fp32",),
 ) -> LatencyRecord:
     """Every convertible layer's candidates, timed inside the model on ``runtime``.
 
@@ -187,10 +199,13 @@ def latency_table(
         timer: the :class:`Timer` to use (its runtime and batch win); default one with the cache.
         graph: the model's :class:`~dscompress.nn.graph.ModelGraph` at ``input_size``, when the
             caller has one (its convertible layers and units come from it; found now otherwise).
+        precisions: ``fp32`` and/or ``int8`` (the model's QDQ graph, :mod:`dscompress.deploy.quantize`):
+            each layer's candidates at ``int8`` are keyed ``rank-2+int8`` (:func:`at_precision`).
 
-    The model is built and profiled once per (rank, prune ratio): with ranks (1, 2, 4) and two
-    prune ratios, 12 profiles.
+    The model is built and profiled once per (rank, prune ratio, precision): with ranks (1, 2, 4),
+    two prune ratios and one precision, 12 profiles.
     """
+    precisions = list(precisions)
     timer = timer or Timer(runtime, batch_size)
     input_size = tuple(int(v) for v in input_size)
     ranks, prune_ratios = list(ranks), [0.0] + list(prune_ratios)
@@ -201,30 +216,33 @@ def latency_table(
         pairs = any(unit.is_pair for unit in units)
         times: dict[str, dict[str, float]] = {name: {} for unit in units for name in unit.layers}  # a pair's consumer may not be convertible
         kinds = [(rank, ratio) for ratio in prune_ratios for rank in [None] + ranks if ratio == 0 or pairs]
-        progress.start(f"latency table on {timer.runtime}", len(kinds))
-        total = None
+        progress.start(f"latency table on {timer.runtime}", len(kinds) * len(precisions))
+        totals = {}
         for rank, ratio in kinds:
             options = [_uniform(unit, calls, rank, ratio) for unit in units]
             kept = [pair_channels(model, unit, option.prune, round_to) if unit.is_pair else None for unit, option in zip(units, options)]
             built, _ = build(model, layout_of(units, options, kept))
-            measured = timer.layer_times(built, input_size)
-            scale = measured["total"] / max(sum(measured["layers"].values()), 1e-12)  # to the time without the profiler
-            if rank is None and ratio == 0:
-                total = measured["total"]
-            for unit, option in zip(units, options):
-                if ratio and not unit.is_pair:
-                    continue
-                for layer, layer_rank in zip(unit.layers, option.ranks):
-                    if layer in times:
-                        times[layer][candidate_name(layer_rank, option.prune)] = measured["layers"][layer] * scale
-            progress.advance(1, candidate_name(rank, ratio))
+            for precision in precisions:
+                measured = timer.layer_times(built, input_size, precision)
+                scale = measured["total"] / max(sum(measured["layers"].values()), 1e-12)  # to the time without the profiler
+                if rank is None and ratio == 0:
+                    totals[precision] = measured["total"]
+                for unit, option in zip(units, options):
+                    if ratio and not unit.is_pair:
+                        continue
+                    for layer, layer_rank in zip(unit.layers, option.ranks):
+                        if layer in times:
+                            times[layer][at_precision(candidate_name(layer_rank, option.prune), precision)] = measured["layers"][layer] * scale
+                progress.advance(1, at_precision(candidate_name(rank, ratio), precision))
         progress.stop()
     timer.save()
     layers = [LayerLatency(name, model.get_submodule(name).in_channels, model.get_submodule(name).out_channels,
                            {k: round(v, 5) for k, v in times[name].items()}) for name in times]
-    rest = total - sum(layer.ms["dense"] for layer in layers)
+    rests = {p: round(totals[p] - sum(layer.ms[at_precision("dense", p)] for layer in layers), 5) for p in precisions}
+    total = totals.get("fp32", next(iter(totals.values())))
     return LatencyRecord(timer.runtime, timer.context["device"], timer.batch_size, timer.threads, list(input_size),
-                         round(total, 5), round(rest, 5), layers)
+                         round(total, 5), rests.get("fp32", next(iter(rests.values()))), layers, precisions,
+                         {p: round(v, 5) for p, v in totals.items()}, rests)
 
 
 def _uniform(unit: Unit, calls: dict, rank: int | None, ratio: float) -> Option:

@@ -36,11 +36,13 @@ the fastest plan would be.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,11 +83,14 @@ from dscompress.core.errors import DscompressError
 from dscompress.core.transform import TransformContext, register_transform
 from dscompress.core.util import QUIET, JsonCache, Progress
 from dscompress.data.datasets import DataSpec, load_dataset, make_loader
-from dscompress.deploy.profile import Runtime
+from dscompress.deploy.export import INPUT_NAME
+from dscompress.deploy.ort import open_session
+from dscompress.deploy.profile import PRECISIONS, Runtime, check_precision
+from dscompress.deploy.quantize import int8_graph
 from dscompress.nn.graph import ModelGraph, Stages
 from dscompress.nn.layers import LayerTracer
 from dscompress.nn.metrics import conv_macs, count_macs
-from dscompress.planning.latency import Timer, default_cache, latency_table
+from dscompress.planning.latency import Timer, at_precision, default_cache, latency_table
 from dscompress.train.evaluate import accuracy
 
 # The latency (or MAC) budget is split into this many steps for the solver.
@@ -96,6 +101,9 @@ TOLERANCE = 0.10
 # more is not measured on the rest. (A local proxy, the unit's own output error, was tried first:
 # it misranked options of equal damage by more than 3x, and a test caught it dropping the best.)
 SCREEN_MARGIN = 2.0
+# An INT8 plan's activation ranges are calibrated on the first batches of the calibration images
+# holding this many (what `quantize` calibrates on by default).
+CALIBRATION_INT8_IMAGES = 256
 
 
 @dataclass
@@ -113,6 +121,9 @@ class PlanConfig(StepConfig):
     latency_input_size: list[int] | None = option(
         None, "C,H,W of the images the model will run on, if not those it was trained at: latency is timed at this size.", metavar="C,H,W"
     )
+    precisions: list[str] | None = option(
+        None, "Precisions to plan over: fp32, int8 (ONNX Runtime's QDQ graph of the plan, calibrated on the calibration images) "
+              "[default: every one the runtime runs fast here: ort-cpu fp32,int8; others fp32].", metavar="P,P")
     ranks: list[int] = option(factory=lambda: [1, 2, 4], help="Depthwise-separable ranks to choose from.")
     prune_ratios: list[float] = option(factory=lambda: [0.25, 0.5], help="Shares of a pair's channels that may be pruned.")
     round_to: int = option(8, "Pruned channel counts are multiples of this (ONNX Runtime's fast kernels need multiples of 4).")
@@ -147,8 +158,20 @@ class PlanConfig(StepConfig):
         check_range("batch_size", self.batch_size, low=2 if self.bn else 1)
         check_range("held_out", self.held_out, low=1)
         check_range("rounds", self.rounds, low=1)
+        for precision in self.precisions or []:
+            if precision not in ("fp32", "int8"):
+                raise ConfigError("precisions", f"unknown precision {precision!r}; use fp32 or int8")
+            if precision != "fp32" and self.macs_budget is not None:
+                raise ConfigError("precisions", f"{precision} changes time, not MACs: plan it with --speedup or --latency-ms")
+            check_precision(self.runtime, precision)
         if self.data is not None:
             self.data = str(DataSpec.parse(self.data))
+
+    def planned_precisions(self) -> list[str]:
+        """The precisions planned over: those given, else every one the runtime is timed at here (fp32 for a MAC budget)."""
+        if self.macs_budget is not None:
+            return ["fp32"]
+        return list(dict.fromkeys(self.precisions or PRECISIONS[self.runtime]))
 
 
 # --- damage --------------------------------------------------------------------------------------
@@ -260,14 +283,17 @@ class PlanRound(Record):
 @dataclass
 class PlanCandidate(Record):
     """A whole plan checked before choosing: the knapsack's (``plan``) or a uniform one
-    (``uniform rank-2``, ``uniform prune-0.5``); its measured latency (ms; MACs with a MAC budget)
-    and, if it met the target, its damage and top-1 agreement once calibrated as a whole."""
+    (``uniform rank-2``, ``uniform prune-0.5``), at a precision (``plan+int8``, ``uniform rank-1+int8``,
+    ``int8``: the dense model through ONNX Runtime's quantizer alone); its measured latency (ms;
+    MACs with a MAC budget) and, if it met the target, its damage and top-1 agreement once
+    calibrated as a whole (an INT8 one's measured on its QDQ graph on ONNX Runtime)."""
 
     label: str
     measured: float
     damage: float | None = None
     agreement: float | None = None
     chosen: bool = False
+    precision: str = "fp32"
 
 
 @dataclass
@@ -314,6 +340,8 @@ class PlanRecord(Record):
     options_measured: int | None = None  # options whose damage was measured end to end (the dense ones aside)
     options_screened: int | None = None  # measured on the first held-out batch only: far behind another option at no more cost
     options_slower: int | None = None  # not measured: predicted no faster than their unit's dense form
+    precision: str = "fp32"  # the plan's: int8 is its QDQ graph, calibrated on ``int8_calibration``'s images
+    int8_calibration: dict | None = None  # how export rebuilds those images: data, batches, batch_size, seed (and how many images)
 
 
 def uniform_plans(options: list[list[Option]]) -> dict[str, list[int]]:
@@ -425,27 +453,42 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
     options = [unit_options(u, calls, config.ranks, config.prune_ratios) for u in units]
     cost_graph = graph if cost_size == input_size else ModelGraph(model, cost_size)
     pixels = {n: cost_graph.out_pixels(n) for u in units for n in u.layers}
-    costs = _option_costs(model, units, options, pixels, cost_size, config, timer, progress, cost_graph)
-    _check_reachable(costs, config, timer)
+    precisions = config.planned_precisions()
+    costs_at = _option_costs(model, units, options, pixels, cost_size, config, timer, progress, cost_graph, precisions)
+    costs = costs_at["fp32"] if "fp32" in costs_at else next(iter(costs_at.values()))
+    _check_reachable(list(costs_at.values()), config, timer)
     damages, agreements, kept_of, counts = _damages(model, units, options, calibration[: config.damage_batches], held_out, config,
-                                                    progress, costs=costs.by_unit, graph=graph)
+                                                    progress, costs=[costs_at[p].by_unit for p in precisions], graph=graph)
 
     def layout(picked):
         """The plan layout of one option index per unit."""
         return layout_of(units, [o[i] for o, i in zip(options, picked)], [k[i] for k, i in zip(kept_of, picked)])
 
-    def measure(picked):
-        """The plan's MACs, or its time measured side by side with the original's, in the units of
-        ``costs.original`` (times drift between rounds)."""
+    def measure(picked, precision="fp32"):
+        """The plan's MACs, or its time at ``precision`` measured side by side with the original's
+        (fp32), in the units of ``costs.original`` (times drift between rounds)."""
         planned, _ = build(model, layout(picked))
         if not timer:
             return count_macs(planned, cost_size)
-        return timer.time_module(planned, cost_size) * costs.original / timer.time_module(model, cost_size)
+        return timer.time_module(planned, cost_size, precision) * costs.original / timer.time_module(model, cost_size)
 
-    chosen, final, rounds = search(costs.by_unit, damages, costs.target, costs.rest, measure, 1 if timer is None else config.rounds)
+    searched, failures = {}, []
+    for precision in precisions:
+        at = costs_at[precision]
+        try:
+            searched[precision] = search(at.by_unit, damages, at.target, at.rest, lambda picked, p=precision: measure(picked, p),
+                                         1 if timer is None else config.rounds)
+        except DscompressError as e:
+            failures.append(f"{precision}: {e}")
+    if not searched:
+        raise DscompressError("; ".join(failures))
+    int8_images = calibration[: max(1, math.ceil(CALIBRATION_INT8_IMAGES / len(calibration[0])))]
     pool, winner, chosen, calibrated, calibration_record, kept = _against_uniform_plans(
-        model, options, chosen, final.measured_ms, layout, measure, calibration, held_out, costs.target, timer, config, progress, graph)
+        model, input_size, options, searched, layout, measure, calibration, int8_images, held_out, costs.target, timer, config,
+        progress, graph)
+    costs = costs_at[winner.precision]
     predicted = round(costs.predicted(chosen), 5)
+    rounds = searched[winner.precision][2] if winner.precision in searched else searched[next(iter(searched))][2]
     record = PlanRecord(
         config=config.to_dict(),
         input_size=list(input_size),
@@ -476,12 +519,19 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         options_measured=counts["measured"],
         options_screened=counts["screened"],
         options_slower=counts["slower"],
+        precision=winner.precision,
+        int8_calibration=({"data": config.data, "batches": len(int8_images), "batch_size": config.batch_size, "seed": config.seed,
+                           "images": sum(len(x) for x in int8_images), "method": "minmax"} if winner.precision == "int8" else None),
     )
+    if failures:
+        record.notes.extend(f"no plan at {line}" for line in failures)
+    if winner.precision == "int8" and config.data is None:
+        record.notes.append("the INT8 plan's calibration images came from the caller, not --data: export cannot rebuild its graph; use `quantize`")
     if timer and record.measured_speedup and config.speedup and record.measured_speedup < config.speedup * (1 - TOLERANCE):
         record.notes.append(f"measured {record.measured_speedup:.2f}x misses the target {config.speedup:g}x by more than {TOLERANCE:.0%} after {len(rounds)} round(s)")
     if test_data is not None:
         record.top1_before = _top1(model, test_data)
-        record.top1_after = _top1(calibrated, test_data)
+        record.top1_after = _top1(calibrated, test_data) if winner.precision == "fp32" else _int8_top1(calibrated, input_size, int8_images, test_data)
     record.seconds = round(time.perf_counter() - start, 2)
     return calibrated, record
 
@@ -491,47 +541,54 @@ def _finite(value: float, digits: int) -> float | None:
 
 
 def _option_costs(model: nn.Module, units: list[Unit], options: list[list[Option]], pixels: dict[str, int], cost_size,
-                  config: PlanConfig, timer: Timer | None, progress: Progress, graph: ModelGraph) -> _Costs:
-    """Every option's layers' cost: their times from the latency table (scaled to the original as
-    timed now; ``graph`` is the model's at ``cost_size``), or their MACs without a timer; and the
-    target in the same units."""
+                  config: PlanConfig, timer: Timer | None, progress: Progress, graph: ModelGraph,
+                  precisions: list[str] = ("fp32",)) -> dict[str, _Costs]:
+    """Every option's layers' cost at each precision: their times from the latency table (scaled
+    to the model at that precision as timed now; ``graph`` is the model's at ``cost_size``), or
+    their MACs without a timer; and the target in the same units (the fp32 original's)."""
     table = None
     if timer:
         table = latency_table(model, cost_size, timer=timer, ranks=config.ranks, prune_ratios=config.prune_ratios,
-                              round_to=config.round_to, progress=progress, graph=graph)
-    by_unit, by_layer = [], []
-    for unit, unit_options_ in zip(units, options):
-        unit_costs, unit_layers = [], []
-        for choice in unit_options_:
-            values = []
-            for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, option_channels(model, unit, choice, config.round_to))):
-                rank = choice.ranks[position]
-                if table:
-                    values.append(table.layer(layer).ms[candidate_name(rank, choice.prune)])
-                else:
-                    values.append(conv_macs(cin, cout, model.get_submodule(layer).kernel_size, pixels[layer], rank))
-            unit_costs.append(sum(values))
-            unit_layers.append(values)
-        by_unit.append(unit_costs)
-        by_layer.append(unit_layers)
-    if table:
+                              round_to=config.round_to, progress=progress, graph=graph, precisions=precisions)
         # The table may have been measured long before (it is cached) on a machine whose speed
         # drifts (20% was seen here within an hour): the original is timed now, as each plan is,
         # and the table's times are scaled to it.
         original = timer.time_module(model, cost_size)
-        now = original / table.total_ms
-        by_unit = [[c * now for c in unit_costs] for unit_costs in by_unit]
-        by_layer = [[[v * now for v in values] for values in unit_layers] for unit_layers in by_layer]
         target = original / config.speedup if config.speedup else config.latency_ms
     else:
         original = count_macs(model, cost_size)
         target = original * config.macs_budget
-    dense_sum = sum(c[0] for c in by_unit)  # option 0 is all dense, unpruned
-    return _Costs(by_unit, by_layer, original, original - dense_sum, target, table)
+    result = {}
+    for precision in precisions:
+        by_unit, by_layer = [], []
+        for unit, unit_options_ in zip(units, options):
+            unit_costs, unit_layers = [], []
+            for choice in unit_options_:
+                values = []
+                for position, (layer, (cin, cout)) in enumerate(zip(unit.layers, option_channels(model, unit, choice, config.round_to))):
+                    rank = choice.ranks[position]
+                    if table:
+                        values.append(table.layer(layer).ms[at_precision(candidate_name(rank, choice.prune), precision)])
+                    else:
+                        values.append(conv_macs(cin, cout, model.get_submodule(layer).kernel_size, pixels[layer], rank))
+                unit_costs.append(sum(values))
+                unit_layers.append(values)
+            by_unit.append(unit_costs)
+            by_layer.append(unit_layers)
+        dense_now = original
+        if table:
+            dense_now = original if precision == "fp32" else timer.time_module(model, cost_size, precision)
+            now = dense_now / table.totals[precision]
+            by_unit = [[c * now for c in unit_costs] for unit_costs in by_unit]
+            by_layer = [[[v * now for v in values] for values in unit_layers] for unit_layers in by_layer]
+        dense_sum = sum(c[0] for c in by_unit)  # option 0 is all dense, unpruned
+        result[precision] = _Costs(by_unit, by_layer, original, dense_now - dense_sum, target, table)
+    return result
 
 
-def _check_reachable(costs: _Costs, config: PlanConfig, timer: Timer | None) -> None:
-    """One line saying how close the fastest plan comes, when no plan meets the target."""
+def _check_reachable(costs_at: list[_Costs], config: PlanConfig, timer: Timer | None) -> None:
+    """One line saying how close the fastest plan comes, when no plan at any precision meets the target."""
+    costs = min(costs_at, key=lambda c: c.rest + sum(min(u) for u in c.by_unit))
     fastest = costs.rest + sum(min(c) for c in costs.by_unit)
     if fastest <= costs.target:
         return
@@ -544,44 +601,95 @@ def _check_reachable(costs: _Costs, config: PlanConfig, timer: Timer | None) -> 
     raise DscompressError(f"cannot reach {what} on {config.runtime if timer else 'MACs'}: {reach}; add lower ranks or prune ratios, or lower the target")
 
 
-def _against_uniform_plans(model: nn.Module, options: list[list[Option]], chosen: list[int], measured: float, layout, measure,
-                           calibration, held_out, target: float, timer: Timer | None, config: PlanConfig, progress: Progress,
-                           graph: ModelGraph):
+def _against_uniform_plans(model: nn.Module, input_size, options: list[list[Option]], searched: dict, layout, measure,
+                           calibration, int8_images, held_out, target: float, timer: Timer | None, config: PlanConfig,
+                           progress: Progress, graph: ModelGraph):
     """The plan against what a user would pick without a planner.
 
     The units' damages do not add up exactly (measured: a whole plan's is 1.1-2.3x their sum, and
     not in the same order), so each uniform rank and each uniform prune ratio that also meets the
     target is measured too; each is calibrated as a whole and the least damaging on the held-out
-    images is kept. Returns every candidate (the winner marked ``chosen``), the winner, and its
-    option indices, calibrated model, calibration record and kept channels. Each is calibrated in
-    the order of ``graph`` (the original's: a plan keeps which layers run, and in which order).
+    images is kept. Each is calibrated in the order of ``graph`` (the original's: a plan keeps
+    which layers run, and in which order).
+
+    With INT8 among ``searched``'s precisions (the knapsack solved again on the INT8 latency table,
+    the options' fp32 damages standing for theirs), the candidates gain INT8 forms: that plan
+    (``plan+int8``), each uniform plan (``uniform rank-1+int8``) and the dense model alone
+    (``int8``: what ONNX Runtime's quantizer gives a user in two lines), timed as QDQ graphs; each
+    that meets the target is calibrated in fp32, quantized (ONNX Runtime's quantizer, minmax, on
+    ``int8_images``) and its damage measured on ONNX Runtime, so a plan is never more damaging
+    than INT8 alone where that is fast enough. Returns every candidate (the winner marked
+    ``chosen``), the winner, and its option indices, calibrated (fp32) model, calibration record
+    and kept channels.
     """
-    pool = [PlanCandidate("plan", round(measured, 5))]
-    picks = {"plan": chosen}
-    for label, picked in uniform_plans(options).items():
-        if picked != chosen:
-            pool.append(PlanCandidate(label, round(measure(picked), 5)))
-            picks[label] = picked
+    dense = [0] * len(options)
+    pool, picks = [], {}
+    for precision, (chosen, final, _) in searched.items():
+        suffix = "" if precision == "fp32" else f"+{precision}"
+        pool.append(PlanCandidate(f"plan{suffix}", round(final.measured_ms, 5), precision=precision))
+        picks[pool[-1].label] = chosen
+        uniform = uniform_plans(options)
+        if precision != "fp32":
+            uniform = {"dense": dense, **uniform}
+        for label, picked in uniform.items():
+            if picked != chosen:
+                name = precision if label == "dense" else f"{label}{suffix}"
+                pool.append(PlanCandidate(name, round(measure(picked, precision), 5),
+                                          precision=precision))
+                picks[name] = picked
     limit = target * (1 + TOLERANCE) if timer else target
     reference = _log_probs(model, held_out)
     calibrate_config = CalibrateConfig(data=config.data, batches=config.batches, batch_size=config.batch_size, bn=config.bn,
                                        seed=config.seed, device=config.device)
-    best = None
+    best, calibrated_of = None, {}
     for candidate in pool:
-        if candidate.label != "plan" and candidate.measured > limit:
+        if not candidate.label.startswith("plan") and candidate.measured > limit:
             continue
         picked = picks[candidate.label]
-        planned, kept = build(model, layout(picked))
-        calibrated, calibration_record = calibrate(planned, model, calibration, calibrate_config, kept=kept, progress=progress,
-                                                   graph=graph)
-        calibrated = calibrated.cpu()
-        candidate.damage, candidate.agreement = (round(v, 6) for v in kl_damage(calibrated, reference, held_out))
+        key = tuple(picked)
+        if key not in calibrated_of:
+            if picked == dense:  # nothing to refit: the original as it is
+                calibrated_of[key] = (copy.deepcopy(model), None, {})
+            else:
+                planned, kept = build(model, layout(picked))
+                calibrated, calibration_record = calibrate(planned, model, calibration, calibrate_config, kept=kept, progress=progress,
+                                                           graph=graph)
+                calibrated_of[key] = (calibrated.cpu(), calibration_record, kept)
+        calibrated, calibration_record, kept = calibrated_of[key]
+        if candidate.precision == "int8":
+            with _int8_session(calibrated, input_size, int8_images) as run:
+                candidate.damage, candidate.agreement = (round(v, 6) for v in kl_damage(run, reference, held_out))
+        else:
+            candidate.damage, candidate.agreement = (round(v, 6) for v in kl_damage(calibrated, reference, held_out))
         meets = candidate.measured <= limit
         if best is None or (meets, -candidate.damage) > (best[0].measured <= limit, -best[0].damage):
             best = (candidate, picked, calibrated, calibration_record, kept)
     winner, picked, calibrated, calibration_record, kept = best
     winner.chosen = True
     return pool, winner, picked, calibrated, calibration_record, kept
+
+
+@contextlib.contextmanager
+def _int8_session(model: nn.Module, input_size, images: list[torch.Tensor]):
+    """A callable running ``model``'s INT8 graph (:func:`~dscompress.deploy.quantize.int8_graph`,
+    calibrated on ``images``) on ONNX Runtime CPU: image batches in, logits (tensors) out."""
+    with tempfile.TemporaryDirectory(prefix="dscompress-plan-int8-") as work:
+        path = os.path.join(work, "int8.onnx")
+        int8_graph(model, input_size, path, images)
+        session, reason = open_session(path, "cpu", threads=torch.get_num_threads())
+        if session is None:
+            raise DscompressError(f"ONNX Runtime cannot run the plan's INT8 graph: {reason}")
+        yield lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.float().cpu().numpy()})[0])
+
+
+def _int8_top1(model: nn.Module, input_size, images: list[torch.Tensor], loader) -> float:
+    """Top-1 (percent) of ``model``'s INT8 graph on ONNX Runtime over a loader of (images, labels)."""
+    right = seen = 0
+    with _int8_session(model, input_size, images) as run:
+        for x, labels in loader:
+            right += int((run(x).argmax(1) == labels).sum())
+            seen += len(labels)
+    return round(100.0 * right / max(seen, 1), 4)
 
 
 def _planned_layers(model: nn.Module, units: list[Unit], options: list[list[Option]], chosen: list[int], costs: _Costs,
@@ -615,7 +723,8 @@ def _split_batches(batches, config: PlanConfig) -> tuple[list[torch.Tensor], lis
     return calibration, held_out
 
 
-def _damages(model, units, options, calibration, held_out, config, progress, costs: list[list[float]] | None = None, graph: ModelGraph | None = None):
+def _damages(model, units, options, calibration, held_out, config, progress, costs: list[list[list[float]]] | None = None,
+             graph: ModelGraph | None = None):
     """Damage and top-1 agreement of every option alone, with its layers refitted; and kept channels.
 
     Each option is applied alone to the original, its converted (or pruned) layers refitted on the
@@ -627,11 +736,11 @@ def _damages(model, units, options, calibration, held_out, config, progress, cos
     running every option on the whole model, to float rounding (tested).
 
     Only options on or near their unit's front of cost against damage can be chosen (an option
-    another of its unit beats on both never is), so with ``costs`` two kinds are not measured on
-    all held-out images, and get an infinite damage: an option predicted no faster than the
-    unit's dense form (its damage would be at least dense's, zero), and, with ``config.screen``,
-    one whose damage on the first held-out batch is :data:`SCREEN_MARGIN` times another's that
-    costs no more. Returns the damages, agreements, kept channels and how many options were
+    another of its unit beats on both never is), so with ``costs`` (per precision, per unit, per
+    option) two kinds are not measured on all held-out images, and get an infinite damage: an
+    option predicted no faster than the unit's dense form at every precision (its damage would be
+    at least dense's, zero), and, with ``config.screen``, one whose damage on the first held-out
+    batch is :data:`SCREEN_MARGIN` times another's that costs no more, at every precision. Returns the damages, agreements, kept channels and how many options were
     measured, screened out and slower than dense.
     """
     cache = JsonCache(os.path.join(os.path.dirname(default_cache()), "damage.json"))  # by the model's weights, the unit, the option and the images
@@ -649,7 +758,7 @@ def _damages(model, units, options, calibration, held_out, config, progress, cos
         kept_of.append([pair_channels(model, unit, choice.prune, config.round_to) if unit.is_pair else None for choice in unit_options_])
         keys = [f"{digest}|{unit.name}|{choice.ranks}|{choice.prune}" for choice in unit_options_]
         wanted = [o for o, choice in enumerate(unit_options_)
-                  if o > 0 and (costs is None or costs[u][o] < costs[u][0])]  # option 0: dense, no damage
+                  if o > 0 and (costs is None or any(c[u][o] < c[u][0] for c in costs))]  # option 0: dense, no damage
         counts["slower"] += len(unit_options_) - 1 - len(wanted)
         screening = staged is not None and config.screen and costs is not None and len(held_out) > 1
         first = [key + "|first" for key in keys]  # the screening sums are kept too, so that a cached plan screens as the first did
@@ -661,7 +770,7 @@ def _damages(model, units, options, calibration, held_out, config, progress, cos
                     cache[first[o]] = staged.measure(unit, unit_options_[o], kept_of[-1][o], slice(0, 1))
                     progress.advance(0, unit.name)
             estimates = {o: cache[first[o]][0] / cache[first[o]][2] for o in wanted}
-            screened = [o for o in wanted if _screened_out(o, estimates, costs[u])]
+            screened = [o for o in wanted if all(_screened_out(o, estimates, c[u]) for c in costs)]
             counts["screened"] += len(screened)
             wanted = [o for o in wanted if o not in screened]
         counts["measured"] += len(wanted)
