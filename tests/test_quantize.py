@@ -207,16 +207,20 @@ def test_a_recipe_quantizes_its_model_and_records_it(tmp_path):
     assert Artifact.open(str(tmp_path / "run" / "baseline")).metrics["int8"]["passed"]
 
 
+def _plan(base, out, precisions: str) -> dict:
+    """`plan --json` of ``base`` under a budget every candidate meets, at ``precisions``."""
+    result = invoke("plan", base, "--data", "digits", "--latency-ms", "1000", "--precisions", precisions, "--batches", "2",
+                    "--batch-size", "16", "--held-out", "32", "--ranks", "1", "--prune-ratios", "0.5", "--round-to", "4",
+                    "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 def test_an_int8_plan_is_checked_against_int8_alone_and_exported_as_its_qdq_graph(base, tmp_path):
     """A plan over INT8 measures every INT8 candidate's damage on ONNX Runtime, INT8 alone among
     them; `export` of the INT8 plan writes its QDQ graph, calibrated on the plan's own images
     (the same graph each time), measured against fp32, and `validate` passes it on agreement."""
-    planned = tmp_path / "planned"
-    result = invoke("plan", base, "--data", "digits", "--latency-ms", "1000", "--precisions", "fp32,int8", "--batches", "2",
-                    "--batch-size", "16", "--held-out", "32", "--ranks", "1", "--prune-ratios", "0.5", "--round-to", "4",
-                    "-o", planned, "--json")
-    assert result.exit_code == 0, result.output
-    record = json.loads(result.stdout)
+    record = _plan(base, tmp_path / "planned", "fp32,int8")
     by_label = {c["label"]: c for c in record["candidates"]}
     assert {"plan", "plan+int8", "uniform rank-1", "uniform rank-1+int8"} <= set(by_label), sorted(by_label)
     assert all(c["precision"] == ("int8" if "int8" in c["label"] else "fp32") for c in record["candidates"])
@@ -227,11 +231,7 @@ def test_an_int8_plan_is_checked_against_int8_alone_and_exported_as_its_qdq_grap
 
     # the same, INT8 only: the plan is INT8, and says how its graph was calibrated
     int8_planned = tmp_path / "int8-planned"
-    result = invoke("plan", base, "--data", "digits", "--latency-ms", "1000", "--precisions", "int8", "--batches", "2",
-                    "--batch-size", "16", "--held-out", "32", "--ranks", "1", "--prune-ratios", "0.5", "--round-to", "4",
-                    "-o", int8_planned, "--json")
-    assert result.exit_code == 0, result.output
-    record = json.loads(result.stdout)
+    record = _plan(base, int8_planned, "int8")
     chosen = next(c for c in record["candidates"] if c["chosen"])
     assert record["precision"] == "int8" and chosen["precision"] == "int8"
     assert chosen["damage"] == min(c["damage"] for c in record["candidates"])
