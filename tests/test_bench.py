@@ -184,7 +184,7 @@ def test_an_int8_target_is_timed_as_its_qdq_graph_on_onnx_runtime(tmp_path, monk
     exported = []
     import dscompress.deploy.bench as bench_module
 
-    def spy(model, input_size, path, batches, config=None):
+    def spy(model, input_size, path, batches=None, config=None):
         notes = int8_graph(model, input_size, path, batches, config)
         exported.append({node.op_type for node in onnx.load(path).graph.node})
         return notes

@@ -316,8 +316,7 @@ def _export_missing(targets: list[BenchTarget], folder: str, exporter: str) -> d
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if target.precision == "int8":
-                    images = np.random.default_rng(0).standard_normal((8, *target.input_size), dtype=np.float32)
-                    int8_graph(target.model, target.input_size, path, [images])
+                    int8_graph(target.model, target.input_size, path)
                 else:
                     export_onnx(target.model, target.input_size, path, ExportConfig(exporter=exporter, validate=False))
             paths[target.label] = path

@@ -285,8 +285,7 @@ def _ort_profile(model: nn.Module, input_size, config: ProfileConfig, threads: i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if config.precision == "int8":
-                calibration = np.random.default_rng(0).standard_normal((8, *input_size), dtype=np.float32)
-                int8_graph(model, input_size, path, [calibration], QuantizeConfig(runtime="ort-cpu"))
+                int8_graph(model, input_size, path, config=QuantizeConfig(runtime="ort-cpu"))
             else:
                 export_onnx(model, input_size, path, ExportConfig(validate=False, fp16=fp16))
         session, reason = open_session(path, provider, threads=threads, fp16=fp16)

@@ -488,7 +488,7 @@ def plan(model: nn.Module, input_size, config: PlanConfig, batches, test_data=No
         progress, graph)
     costs = costs_at[winner.precision]
     predicted = round(costs.predicted(chosen), 5)
-    rounds = searched[winner.precision][2] if winner.precision in searched else searched[next(iter(searched))][2]
+    rounds = searched[winner.precision][2]  # every candidate's precision was searched
     record = PlanRecord(
         config=config.to_dict(),
         input_size=list(input_size),
